@@ -1,0 +1,263 @@
+//! The YAML file as written: serde types and nothing else. Every struct rejects unknown keys so a
+//! typo in a gateway's config is an error with its location, never a silently ignored setting.
+//! These types never reach the request path; `snapshot` compiles them into runtime types.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Plain-text listeners; each serves HTTP/1.1 and (if `h2c`) HTTP/2 prior knowledge.
+    pub listen: Vec<String>,
+    /// The admin listener (metrics, status, reload). Never routed upstream.
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// How long SIGTERM lets in-flight requests finish.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub grace_period: Duration,
+    /// Absolute paths (daemon mode changes directory to `/`).
+    #[serde(default)]
+    pub pid_file: Option<String>,
+    #[serde(default)]
+    pub upgrade_sock: Option<String>,
+    /// Idle time after which a downstream keep-alive connection is closed.
+    #[serde(default = "default_keepalive", deserialize_with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// Accept HTTP/2 with prior knowledge (h2c) next to HTTP/1.1 on the same port.
+    #[serde(default = "yes")]
+    pub h2c: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub backends: Vec<BackendSection>,
+    #[serde(default)]
+    pub balance: BalanceSection,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSection>,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+    #[serde(default)]
+    pub retries: RetriesSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub addr: String,
+    #[serde(default = "one")]
+    pub weight: i64,
+}
+
+/// `round_robin` (weights honoured), `weighted` (the same algorithm, named for clarity), `random`
+/// (weighted), or `{ consistent_hash: { key: header:NAME | client_ip | path } }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BalanceSection {
+    #[default]
+    RoundRobin,
+    Weighted,
+    Random,
+    ConsistentHash {
+        key: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    #[serde(default, rename = "type")]
+    pub kind: HealthKind,
+    /// HTTP only: request path.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// HTTP only: the Host header sent (default: the backend address).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// HTTP only: statuses counted as healthy.
+    #[serde(default = "default_expect")]
+    pub expect_status: Vec<u16>,
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_hc_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "one")]
+    pub healthy_after: i64,
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    #[default]
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSection {
+    #[serde(default = "default_connect", deserialize_with = "duration")]
+    pub connect: Duration,
+    #[serde(default = "default_read", deserialize_with = "duration")]
+    pub read: Duration,
+    #[serde(default = "default_read", deserialize_with = "duration")]
+    pub write: Duration,
+    #[serde(default = "default_total", deserialize_with = "duration")]
+    pub total: Duration,
+    /// How long an idle upstream keep-alive connection stays pooled.
+    #[serde(default = "default_pool_idle", deserialize_with = "duration")]
+    pub idle: Duration,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            read: default_read(),
+            write: default_read(),
+            total: default_total(),
+            idle: default_pool_idle(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesSection {
+    /// Total tries per request including the first (connect failures only in this version).
+    #[serde(default = "default_attempts")]
+    pub attempts: i64,
+}
+
+impl Default for RetriesSection {
+    fn default() -> Self {
+        Self {
+            attempts: default_attempts(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchSection,
+    pub upstream: String,
+    /// Remove the matched `path_prefix` before forwarding (`/api/x` -> `/x`).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Rewrite the path with a regex: `{ pattern: "^/old/(.*)", to: "/new/$1" }`.
+    #[serde(default)]
+    pub rewrite: Option<RewriteSection>,
+    /// Response compression levels per algorithm; absent or 0 = off.
+    #[serde(default)]
+    pub compression: Option<CompressionSection>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSection {
+    /// Exact names or `*.example.com` wildcards; empty = any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    /// Empty = any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteSection {
+    pub pattern: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionSection {
+    #[serde(default)]
+    pub gzip: u32,
+    #[serde(default)]
+    pub brotli: u32,
+    #[serde(default)]
+    pub zstd: u32,
+}
+
+/// `"250ms"`, `"2s"`, `"1m 30s"` (humantime syntax).
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+}
+
+fn default_threads() -> usize {
+    2
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(60)
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> i64 {
+    1
+}
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_expect() -> Vec<u16> {
+    vec![200]
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_unhealthy_after() -> i64 {
+    3
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_read() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_total() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_attempts() -> i64 {
+    3
+}

@@ -1,0 +1,236 @@
+//! The control plane: a pingora background service that publishes the first snapshot (after the
+//! first health pass, before any listener opens), then reloads on SIGHUP or on an admin request:
+//! read -> parse -> validate -> build (probe new backends) -> one atomic swap. A failed reload
+//! logs every error, is counted, and leaves the serving snapshot untouched. Reloads are
+//! serialised here, and every long-lived task (health probes) runs on this service's runtime.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_core::services::ServiceReadyNotifier;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{self, ConfigError, GatewayConfig};
+use crate::health::HealthBook;
+use crate::metrics;
+use crate::snapshot::{SharedSnapshot, Snapshot};
+
+/// The result of one reload attempt, as the admin API and logs report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    pub ok: bool,
+    pub generation: u64,
+    /// Unix seconds.
+    pub at: u64,
+    pub errors: Vec<String>,
+    /// Settings that changed but only take effect through a binary upgrade (`tollgate -u`).
+    pub warnings: Vec<String>,
+}
+
+pub struct Control {
+    pub path: PathBuf,
+    pub current: SharedSnapshot,
+    pub book: HealthBook,
+    pub started_at: SystemTime,
+    pub pid_file: Option<String>,
+    /// Set by a SIGHUP that arrived before the control loop was listening.
+    pub early_hup: Arc<AtomicBool>,
+    initial: Mutex<Option<GatewayConfig>>,
+    last: Mutex<Option<ReloadOutcome>>,
+    requests: mpsc::Sender<oneshot::Sender<ReloadOutcome>>,
+    inbox: Mutex<Option<mpsc::Receiver<oneshot::Sender<ReloadOutcome>>>>,
+}
+
+impl Control {
+    pub fn new(path: PathBuf, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> Arc<Self> {
+        let (requests, inbox) = mpsc::channel(16);
+        Arc::new(Self {
+            pid_file: config.server.pid_file.clone(),
+            path,
+            current: Arc::new(ArcSwap::from_pointee(Snapshot::unprobed(config.clone()))),
+            book: HealthBook::default(),
+            started_at: SystemTime::now(),
+            early_hup,
+            initial: Mutex::new(Some(config)),
+            last: Mutex::new(None),
+            requests,
+            inbox: Mutex::new(Some(inbox)),
+        })
+    }
+
+    /// Ask the control plane to reload and wait for the outcome (used by `POST /admin/reload`).
+    pub async fn request_reload(&self) -> Option<ReloadOutcome> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(tx).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn publish_initial(&self) {
+        let initial = self
+            .initial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(config) = initial {
+            let snapshot = Snapshot::build(config, 1, &self.book).await;
+            snapshot.commit_health(&self.book);
+            metrics::CONFIG_GENERATION.set(1);
+            self.current.store(Arc::new(snapshot));
+            log::info!("config generation 1 loaded from {}", self.path.display());
+        }
+    }
+
+    /// One reload: the whole pipeline, or nothing.
+    async fn reload(&self) -> ReloadOutcome {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(vec![ConfigError {
+                    file: self.path.clone(),
+                    line: 0,
+                    column: 0,
+                    field: String::new(),
+                    message: format!("loader failed: {e}"),
+                }])
+            });
+        let old = self.current.load_full();
+        let outcome = match loaded {
+            Err(errors) => {
+                for e in &errors {
+                    log::error!("reload rejected: {e}");
+                }
+                metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+                ReloadOutcome {
+                    ok: false,
+                    generation: old.generation,
+                    at,
+                    errors: errors.iter().map(ToString::to_string).collect(),
+                    warnings: Vec::new(),
+                }
+            }
+            Ok(config) => {
+                let warnings = needs_upgrade(&old.server, &config.server);
+                for w in &warnings {
+                    log::warn!("reload: {w}");
+                }
+                let generation = old.generation + 1;
+                let snapshot = Snapshot::build(config, generation, &self.book).await;
+                self.current.store(Arc::new(snapshot));
+                // Probes follow the published snapshot: removed backends stop being checked.
+                self.current.load().commit_health(&self.book);
+                metrics::CONFIG_RELOADS.with_label_values(&["ok"]).inc();
+                metrics::CONFIG_GENERATION.set(generation as i64);
+                log::info!(
+                    "config generation {generation} loaded from {}",
+                    self.path.display()
+                );
+                ReloadOutcome {
+                    ok: true,
+                    generation,
+                    at,
+                    errors: Vec::new(),
+                    warnings,
+                }
+            }
+        };
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
+        outcome
+    }
+}
+
+/// Listener and process settings cannot change in a running process.
+fn needs_upgrade(old: &config::ServerSettings, new: &config::ServerSettings) -> Vec<String> {
+    let mut w = Vec::new();
+    let mut check = |changed: bool, what: &str| {
+        if changed {
+            w.push(format!(
+                "server.{what} changed: takes effect after a binary upgrade (tollgate -u), not on reload"
+            ));
+        }
+    };
+    check(old.listen != new.listen, "listen");
+    check(old.admin_listen != new.admin_listen, "admin_listen");
+    check(old.threads != new.threads, "threads");
+    check(old.h2c != new.h2c, "h2c");
+    check(old.pid_file != new.pid_file, "pid_file");
+    check(old.upgrade_sock != new.upgrade_sock, "upgrade_sock");
+    check(old.grace_period != new.grace_period, "grace_period");
+    w
+}
+
+/// The background service wrapper (pingora owns it; `Control` is shared with the proxy/admin).
+pub struct ControlService(pub Arc<Control>);
+
+#[async_trait]
+impl BackgroundService for ControlService {
+    async fn start_with_ready_notifier(
+        &self,
+        mut shutdown: ShutdownWatch,
+        ready: ServiceReadyNotifier,
+    ) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let control = &self.0;
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP ({e}); reload only through the admin API");
+                None
+            }
+        };
+        control.publish_initial().await;
+        if let Some(pid_file) = &control.pid_file {
+            // pingora writes it only when daemonized; operators expect it either way.
+            if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+                log::warn!("cannot write pid file {pid_file}: {e}");
+            }
+        }
+        ready.notify_ready();
+        let Some(mut inbox) = control
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        if control.early_hup.swap(false, Ordering::SeqCst) {
+            control.reload().await;
+        }
+        loop {
+            let hup_recv = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hup_recv => {
+                    log::info!("SIGHUP: reloading {}", control.path.display());
+                    control.early_hup.store(false, Ordering::SeqCst);
+                    control.reload().await;
+                }
+                Some(reply) = inbox.recv() => {
+                    let outcome = control.reload().await;
+                    let _ = reply.send(outcome);
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

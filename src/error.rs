@@ -1,0 +1,140 @@
+//! The one gateway error type, and the one place it becomes a status code and a JSON body:
+//! `{"error": "<code>", "message": "...", "request_id": "..."}`. Internal details (peer
+//! addresses, pingora error chains) are logged, never sent to the client.
+
+use bytes::Bytes;
+use pingora_error::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayError {
+    /// No route matches host, path and method.
+    NoRoute,
+    /// Every backend of the route's upstream is unhealthy.
+    NoHealthyBackend,
+    /// Could not connect to any backend, or the backend broke the exchange.
+    BadGateway,
+    /// The backend did not answer in time.
+    UpstreamTimeout,
+    /// The client sent something we cannot proxy.
+    BadRequest,
+    /// A bug or an unexpected state; never details.
+    Internal,
+}
+
+impl GatewayError {
+    pub fn status(self) -> u16 {
+        match self {
+            Self::NoRoute => 404,
+            Self::NoHealthyBackend => 503,
+            Self::BadGateway => 502,
+            Self::UpstreamTimeout => 504,
+            Self::BadRequest => 400,
+            Self::Internal => 500,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NoRoute => "not_found",
+            Self::NoHealthyBackend => "no_healthy_backend",
+            Self::BadGateway => "bad_gateway",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::BadRequest => "bad_request",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no route matches this request",
+            Self::NoHealthyBackend => "no healthy backend is available for this route",
+            Self::BadGateway => "the upstream service could not be reached or failed",
+            Self::UpstreamTimeout => "the upstream service did not answer in time",
+            Self::BadRequest => "the request could not be processed",
+            Self::Internal => "internal gateway error",
+        }
+    }
+
+    /// Seconds a client should wait before retrying, when that is meaningful.
+    pub fn retry_after(self) -> Option<u32> {
+        match self {
+            Self::NoHealthyBackend => Some(5),
+            _ => None,
+        }
+    }
+
+    /// Classify a pingora error that ended a proxied request.
+    pub fn from_pingora(e: &Error) -> Self {
+        use ErrorType::*;
+        match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout => Self::UpstreamTimeout,
+            ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
+            | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => {
+                Self::BadGateway
+            }
+            HTTPStatus(400..=499) => Self::BadRequest,
+            _ => match e.esource() {
+                pingora_error::ErrorSource::Upstream => Self::BadGateway,
+                pingora_error::ErrorSource::Downstream => Self::BadRequest,
+                _ => Self::Internal,
+            },
+        }
+    }
+
+    pub fn body(self, request_id: &str) -> Bytes {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.message(),
+            "request_id": request_id,
+        });
+        Bytes::from(body.to_string())
+    }
+}
+
+/// Write `err` as the whole response. `close` drops the downstream connection afterwards (for
+/// answers given before the request body was read).
+pub async fn respond(
+    session: &mut Session,
+    err: GatewayError,
+    request_id: &str,
+    close: bool,
+) -> pingora_error::Result<()> {
+    let body = err.body(request_id);
+    let mut header = ResponseHeader::build(err.status(), Some(4))?;
+    header.insert_header("Content-Type", "application/json")?;
+    header.insert_header("Content-Length", body.len())?;
+    if let Some(secs) = err.retry_after() {
+        header.insert_header("Retry-After", secs)?;
+    }
+    if close {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_json_with_code_and_request_id() {
+        let body = GatewayError::NoRoute.body("abc");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"], "not_found");
+        assert_eq!(v["request_id"], "abc");
+    }
+
+    #[test]
+    fn timeouts_are_504_and_refusals_502() {
+        let t = Error::new(ErrorType::ReadTimedout);
+        assert_eq!(GatewayError::from_pingora(&t).status(), 504);
+        let r = Error::new(ErrorType::ConnectRefused);
+        assert_eq!(GatewayError::from_pingora(&r).status(), 502);
+    }
+}

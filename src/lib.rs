@@ -1,0 +1,13 @@
+//! Tollgate: an edge API gateway on Pingora. The binary (`main.rs`) wires these modules into a
+//! pingora server; each module owns one concern (see `proxy` for the request flow).
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod snapshot;
+pub mod upstream;

@@ -1,0 +1,149 @@
+//! The `tollgate` command: run the gateway (`-c PATH`), check a config (`-t`), start as a
+//! graceful upgrade of a running instance (`-u`), daemonize (`-d`).
+//!
+//! ```text
+//! tollgate -c conf/tollgate.yaml            # run
+//! tollgate -t -c conf/tollgate.yaml         # validate: exit 0, or 1 with every error
+//! kill -HUP $(cat /tmp/tollgate.pid)        # reload the file
+//! tollgate -u -c conf/tollgate.yaml & kill -QUIT <old pid>   # zero-downtime binary upgrade
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+
+use tollgate::admin::Admin;
+use tollgate::config::{self, GatewayConfig};
+use tollgate::control::{Control, ControlService};
+use tollgate::proxy::Gateway;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, about = "An edge API gateway on Pingora")]
+struct Cli {
+    /// The configuration file.
+    #[arg(short = 'c', long = "conf", default_value = "conf/tollgate.yaml")]
+    conf: PathBuf,
+    /// Check the configuration and exit: 0 when valid, 1 after printing every error.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    /// Start as a graceful upgrade: take the listening sockets over from the running instance
+    /// (then send it SIGQUIT).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // SIGHUP's default action kills the process. Until the control plane listens for it, a
+    // SIGHUP only sets this flag (the control plane then reloads once).
+    let early_hup = Arc::new(AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, early_hup.clone()) {
+        eprintln!("tollgate: cannot install the SIGHUP handler: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cli = Cli::parse();
+    let config = match config::load(&cli.conf) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!(
+                "{}: configuration has {} error(s)",
+                cli.conf.display(),
+                errors.len()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.test {
+        println!("{}: configuration is valid", cli.conf.display());
+        return ExitCode::SUCCESS;
+    }
+    run(cli, config, early_hup)
+}
+
+fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode {
+    let s = &config.server;
+    let conf = ServerConf {
+        threads: s.threads,
+        daemon: cli.daemon,
+        grace_period_seconds: Some(s.grace_period.as_millis().div_ceil(1000) as u64),
+        graceful_shutdown_timeout_seconds: Some(5),
+        pid_file: s
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| "/tmp/tollgate.pid".into()),
+        upgrade_sock: s
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| "/tmp/tollgate_upgrade.sock".into()),
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let control = Control::new(
+        std::fs::canonicalize(&cli.conf).unwrap_or(cli.conf.clone()),
+        config.clone(),
+        early_hup,
+    );
+
+    let control_handle = server.add_service(background_service(
+        "tollgate control",
+        ControlService(control.clone()),
+    ));
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway {
+            current: control.current.clone(),
+        },
+        "tollgate proxy",
+    );
+    for addr in &config.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    if config.server.h2c {
+        if let Some(app) = proxy.app_logic_mut() {
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            app.server_options = Some(options);
+        }
+    }
+    // Listeners open only after the first snapshot (and its health pass) is published.
+    let proxy_handle = server.add_service(proxy);
+    proxy_handle.add_dependency(&control_handle);
+
+    if let Some(admin_addr) = config.server.admin_listen {
+        let mut admin = Service::new(
+            "tollgate admin".to_string(),
+            Admin {
+                control: control.clone(),
+            },
+        );
+        admin.add_tcp(&admin_addr.to_string());
+        let admin_handle = server.add_service(admin);
+        admin_handle.add_dependency(&control_handle);
+    }
+    server.run_forever()
+}

@@ -1,0 +1,76 @@
+//! Prometheus metrics, registered in the default registry that `pingora-prometheus` and the
+//! admin `/metrics` endpoint serve. Label sets are bounded: route and upstream names come from
+//! the config, status is a class (`2xx`); never consumer ids, raw paths or client addresses.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+};
+
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_requests_total",
+        "Requests answered, by route, method and status class",
+        &["route", "method", "status"]
+    )
+    .expect("static metric definition")
+});
+
+pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "tollgate_request_duration_seconds",
+        "Time from request start to the end of the response, by route",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    )
+    .expect("static metric definition")
+});
+
+pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_config_reloads_total",
+        "Config reload attempts by result (ok | error)",
+        &["result"]
+    )
+    .expect("static metric definition")
+});
+
+pub static CONFIG_GENERATION: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_config_generation",
+        "Generation of the config now serving (1 = as started)"
+    )
+    .expect("static metric definition")
+});
+
+pub static RETRIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_upstream_retries_total",
+        "Requests tried again on another backend, by upstream",
+        &["upstream"]
+    )
+    .expect("static metric definition")
+});
+
+pub static BACKEND_HEALTHY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tollgate_backend_healthy",
+        "1 when the backend passes its health check, by upstream and backend address",
+        &["upstream", "backend"]
+    )
+    .expect("static metric definition")
+});
+
+/// `200` -> `"2xx"`, without allocating.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}

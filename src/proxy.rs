@@ -1,0 +1,442 @@
+//! The request flow, top-down, in one place. `Gateway` implements pingora's `ProxyHttp` and only
+//! dispatches: each phase calls the module that owns the concern.
+//!
+//! ```text
+//! early_request_filter  pin the snapshot (new_ctx), keep-alive, route match, compression level
+//! request_filter        no route -> 404; no healthy backend -> 503 (answered here, at once)
+//! upstream_peer         pick a healthy, untried backend; set every upstream timeout
+//! fail_to_connect       nothing was sent: retry on another backend within `attempts`
+//! upstream_request_filter  path rewrite, hop-by-hop removal, X-Forwarded-*
+//! response_filter       hop-by-hop removal on the way back
+//! fail_to_proxy         the ONE place an error becomes a status and a JSON body
+//! logging               metrics
+//! ```
+//!
+//! Why the route is matched in `early_request_filter` and not `request_filter`: pingora's
+//! response compression module reads its level when the request header is processed, which is
+//! right after this phase, so the route (which owns the level) must be known by then.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Uri};
+use pingora_core::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
+use pingora_core::modules::http::HttpModules;
+use pingora_core::protocols::http::compression::Algorithm;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::error::{self, GatewayError};
+use crate::metrics;
+use crate::route;
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::upstream::{HashKey, NoBackend};
+
+/// Most tries a request can make (`retries.attempts` is validated to this bound).
+const MAX_ATTEMPTS: usize = 10;
+
+pub struct Gateway {
+    pub current: SharedSnapshot,
+}
+
+/// Per-request state. The snapshot `Arc` is taken once here and kept to the end.
+pub struct Ctx {
+    snapshot: Arc<Snapshot>,
+    route: Option<usize>,
+    tried: [u16; MAX_ATTEMPTS],
+    tries: usize,
+    started: Instant,
+    error: Option<GatewayError>,
+}
+
+impl Ctx {
+    fn tried(&self) -> &[u16] {
+        &self.tried[..self.tries]
+    }
+
+    fn upstream(&self) -> Option<&crate::upstream::Upstream> {
+        let r = &self.snapshot.routes[self.route?];
+        self.snapshot.upstreams.get(r.upstream)
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the common non-standard ones. `Transfer-Encoding`
+/// and `Content-Length` are left to pingora, which owns message framing; `Upgrade` is kept for
+/// upgrade requests.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+];
+
+/// Remove hop-by-hop headers and every header the `Connection` header names.
+fn strip_hop_by_hop(headers: &http::HeaderMap, mut remove: impl FnMut(&str), keep_upgrade: bool) {
+    for value in headers.get_all(header::CONNECTION) {
+        if let Ok(list) = value.to_str() {
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if keep_upgrade && name.eq_ignore_ascii_case("upgrade") {
+                    continue;
+                }
+                remove(name);
+            }
+        }
+    }
+}
+
+fn clean_request(req: &mut RequestHeader, upgrade: bool) {
+    let mut named = Vec::new();
+    strip_hop_by_hop(&req.headers, |n| named.push(n.to_string()), upgrade);
+    for n in named {
+        req.remove_header(n.as_str());
+    }
+    for h in &HOP_BY_HOP {
+        if upgrade && *h == header::CONNECTION {
+            continue;
+        }
+        req.remove_header(h);
+    }
+    if upgrade {
+        let _ = req.insert_header(header::CONNECTION, "upgrade");
+    } else {
+        req.remove_header(&header::UPGRADE);
+    }
+}
+
+fn clean_response(resp: &mut ResponseHeader, upgraded: bool) {
+    let mut named = Vec::new();
+    strip_hop_by_hop(&resp.headers, |n| named.push(n.to_string()), upgraded);
+    for n in named {
+        resp.remove_header(n.as_str());
+    }
+    for h in &HOP_BY_HOP {
+        if upgraded && *h == header::CONNECTION {
+            continue;
+        }
+        resp.remove_header(h);
+    }
+}
+
+/// The Host a request is for: the URI authority (HTTP/2, absolute-form) or the Host header.
+fn request_host(req: &RequestHeader) -> &str {
+    if let Some(h) = req.uri.host() {
+        return h;
+    }
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// A bounded label for the method (clients can send any token).
+fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            snapshot: self.current.load_full(),
+            route: None,
+            tried: [0; MAX_ATTEMPTS],
+            tries: 0,
+            started: Instant::now(),
+            error: None,
+        }
+    }
+
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        // Level 0 = off; routes turn it on per request.
+        modules.add_module(ResponseCompressionBuilder::enable(0));
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        // pingora's default keep-alive never times out (#447).
+        session.set_keepalive(Some(ctx.snapshot.keepalive_secs));
+        let req = session.req_header();
+        let host = route::normalize_host(request_host(req));
+        ctx.route = ctx
+            .snapshot
+            .routes
+            .iter()
+            .position(|r| r.matches(&host, req.uri.path(), &req.method));
+        if let Some(z) = ctx.route.and_then(|i| ctx.snapshot.routes[i].compression) {
+            if let Some(c) = session
+                .downstream_modules_ctx
+                .get_mut::<ResponseCompression>()
+            {
+                c.adjust_algorithm_level(Algorithm::Gzip, z.gzip);
+                c.adjust_algorithm_level(Algorithm::Brotli, z.brotli);
+                c.adjust_algorithm_level(Algorithm::Zstd, z.zstd);
+            }
+        }
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Answered here, before any body is read: close the connection unless there is none.
+        let err = match ctx.upstream() {
+            None => Some(GatewayError::NoRoute),
+            Some(u) if !u.any_healthy() => Some(GatewayError::NoHealthyBackend),
+            Some(_) => None,
+        };
+        match err {
+            None => Ok(false),
+            Some(err) => {
+                ctx.error = Some(err);
+                let close = !session.is_body_empty();
+                error::respond(session, err, "", close).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let snapshot = ctx.snapshot.clone();
+        let Some(upstream) = ctx
+            .route
+            .and_then(|i| snapshot.upstreams.get(snapshot.routes[i].upstream))
+        else {
+            ctx.error = Some(GatewayError::NoRoute);
+            return Error::e_explain(ErrorType::HTTPStatus(404), "no route");
+        };
+        let spec = &upstream.spec;
+        let req = session.req_header();
+        let key: &[u8] = match &spec.balance {
+            crate::upstream::Balance::ConsistentHash(k) => match k {
+                HashKey::Header(name) => req.headers.get(name).map_or(&[], |v| v.as_bytes()),
+                HashKey::Path => req.uri.path().as_bytes(),
+                HashKey::ClientIp => &[], // filled below (needs an owned buffer)
+            },
+            _ => &[],
+        };
+        let ip_key;
+        let key = if matches!(
+            spec.balance,
+            crate::upstream::Balance::ConsistentHash(HashKey::ClientIp)
+        ) {
+            ip_key = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            ip_key.as_bytes()
+        } else {
+            key
+        };
+        if ctx.tries >= spec.attempts.min(MAX_ATTEMPTS) {
+            ctx.error = Some(GatewayError::BadGateway);
+            return Error::e_explain(ErrorType::ConnectError, "no attempts left");
+        }
+        let index = match upstream.select(key, ctx.tried()) {
+            Ok(i) => i,
+            Err(NoBackend::NoneHealthy) => {
+                ctx.error = Some(GatewayError::NoHealthyBackend);
+                return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
+            }
+            Err(NoBackend::AllTried) => {
+                ctx.error = Some(GatewayError::BadGateway);
+                return Error::e_explain(ErrorType::ConnectError, "every backend was tried");
+            }
+        };
+        if ctx.tries > 0 {
+            metrics::RETRIES.with_label_values(&[&spec.name]).inc();
+        }
+        ctx.tried[ctx.tries] = index as u16;
+        ctx.tries += 1;
+
+        let t = spec.timeouts;
+        let remaining = t
+            .total
+            .checked_sub(ctx.started.elapsed())
+            .unwrap_or(Duration::from_millis(1));
+        let mut peer = HttpPeer::new(spec.backends[index].addr, false, String::new());
+        peer.options.connection_timeout = Some(t.connect.min(remaining));
+        peer.options.total_connection_timeout = Some(t.connect.min(remaining));
+        peer.options.read_timeout = Some(t.read.min(remaining));
+        peer.options.write_timeout = Some(t.write.min(remaining));
+        peer.options.idle_timeout = Some(t.idle);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the backend: another backend may take the request.
+        if let Some(u) = ctx.upstream() {
+            let more_tries = ctx.tries < u.spec.attempts.min(MAX_ATTEMPTS);
+            let another = u.backends.len() > ctx.tries;
+            if more_tries && another {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let upgrade = session.is_upgrade_req();
+        clean_request(upstream_request, upgrade);
+
+        // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
+        // send origin-form to the (HTTP/1.1) backend.
+        let original_host = request_host(upstream_request).to_string();
+        if upstream_request.headers.get(header::HOST).is_none() && !original_host.is_empty() {
+            upstream_request.insert_header(header::HOST, original_host.as_str())?;
+        }
+        let route = ctx.route.map(|i| &ctx.snapshot.routes[i]);
+        let path = upstream_request.uri.path();
+        let new_path = route.and_then(|r| r.rewrite_path(path));
+        if new_path.is_some() || upstream_request.uri.authority().is_some() {
+            let path = new_path.as_deref().unwrap_or(upstream_request.uri.path());
+            let pq = match upstream_request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            if let Ok(uri) = pq.parse::<Uri>() {
+                upstream_request.set_uri(uri);
+            }
+        }
+
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = addr.ip().to_string();
+            let xff = match upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            upstream_request.insert_header("X-Forwarded-For", xff)?;
+        }
+        // Set, never trusted from the client.
+        upstream_request.insert_header("X-Forwarded-Proto", "http")?;
+        if let Ok(v) = HeaderValue::from_str(&original_host) {
+            upstream_request.insert_header("X-Forwarded-Host", v)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && session.is_upgrade_req();
+        clean_response(upstream_response, upgraded);
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let err = ctx.error.unwrap_or_else(|| GatewayError::from_pingora(e));
+        ctx.error = Some(err);
+        let downstream_gone = matches!(
+            e.etype(),
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+        ) && e.esource() == &pingora_error::ErrorSource::Downstream;
+        if downstream_gone {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        if session.response_written().is_none() {
+            if let Err(we) = error::respond(session, err, "", true).await {
+                log::debug!("could not send error response: {we}");
+            }
+        }
+        log::warn!("request failed: {} ({e})", err.code());
+        FailToProxy {
+            error_code: err.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.error.map(GatewayError::status))
+            .unwrap_or(0);
+        let route = ctx
+            .route
+            .map(|i| &*ctx.snapshot.routes[i].name)
+            .unwrap_or("");
+        metrics::REQUESTS
+            .with_label_values(&[
+                route,
+                method_label(&session.req_header().method),
+                metrics::status_class(status),
+            ])
+            .inc();
+        metrics::REQUEST_SECONDS
+            .with_label_values(&[route])
+            .observe(ctx.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        req.insert_header("Connection", "keep-alive, X-Secret")
+            .expect("h");
+        req.insert_header("X-Secret", "1").expect("h");
+        req.insert_header("Keep-Alive", "timeout=5").expect("h");
+        req.insert_header("TE", "trailers").expect("h");
+        req.insert_header("Upgrade", "websocket").expect("h");
+        req.insert_header("X-Kept", "1").expect("h");
+        clean_request(&mut req, false);
+        for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
+            assert!(req.headers.get(gone).is_none(), "{gone} kept");
+        }
+        assert!(req.headers.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn upgrade_requests_keep_upgrade() {
+        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
+        req.insert_header("Connection", "Upgrade").expect("h");
+        req.insert_header("Upgrade", "websocket").expect("h");
+        clean_request(&mut req, true);
+        assert_eq!(
+            req.headers.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            req.headers.get("connection").map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! The runtime snapshot: one immutable value holding compiled routes and live upstreams, shared
+//! through one `ArcSwap`. A request loads it once at its start and keeps that `Arc` to its end,
+//! so a reload never changes the config under a request in flight. Building a snapshot probes
+//! new backends once (see `health`); it never mutates the snapshot that is serving.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{GatewayConfig, ServerSettings};
+use crate::health::{BackendState, HealthBook};
+use crate::route::Route;
+use crate::upstream::Upstream;
+
+pub struct Snapshot {
+    /// Increases by one with every successful load (1 = the config the process started with).
+    pub generation: u64,
+    pub loaded_at: SystemTime,
+    pub server: ServerSettings,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+    /// `server.keepalive_timeout` in whole seconds, as pingora wants it.
+    pub keepalive_secs: u64,
+}
+
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+impl Snapshot {
+    /// Build from a validated config, reusing the health state of backends already known to
+    /// `book` and probing new ones once. Does not publish anything.
+    pub async fn build(config: GatewayConfig, generation: u64, book: &HealthBook) -> Self {
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for spec in config.upstreams {
+            let states = book.states_for(&spec).await;
+            upstreams.push(Upstream::new(spec, states));
+        }
+        Self::assemble(config.server, config.routes, upstreams, generation)
+    }
+
+    /// A snapshot whose backends have not been probed yet (used only before the first
+    /// health pass, while no listener is open).
+    pub fn unprobed(config: GatewayConfig) -> Self {
+        let upstreams = config
+            .upstreams
+            .into_iter()
+            .map(|spec| {
+                let states = spec
+                    .backends
+                    .iter()
+                    .map(|_| Arc::new(BackendState::new(false)))
+                    .collect();
+                Upstream::new(spec, states)
+            })
+            .collect();
+        Self::assemble(config.server, config.routes, upstreams, 0)
+    }
+
+    fn assemble(
+        server: ServerSettings,
+        routes: Vec<Route>,
+        upstreams: Vec<Upstream>,
+        generation: u64,
+    ) -> Self {
+        let keepalive_secs = server.keepalive_timeout.as_secs().max(1);
+        Self {
+            generation,
+            loaded_at: SystemTime::now(),
+            server,
+            routes,
+            upstreams,
+            keepalive_secs,
+        }
+    }
+
+    /// Register this snapshot's backends with the health book (start/stop probes).
+    pub fn commit_health(&self, book: &HealthBook) {
+        let pairs: Vec<_> = self
+            .upstreams
+            .iter()
+            .map(|u| (u.spec.clone(), u.backends.clone()))
+            .collect();
+        book.commit(&pairs);
+    }
+}

@@ -1,0 +1,277 @@
+//! Upstreams: the compiled spec of each named upstream and, at runtime, backend selection over
+//! pingora's algorithms (weighted round robin, weighted random, Ketama consistent hashing) that
+//! skips unhealthy and already-tried backends. Selection reads health through atomics only; it
+//! never probes, never blocks and never allocates beyond pingora's iterator.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use pingora_load_balancing::selection::{
+    BackendIter, BackendSelection, Consistent, Random, RoundRobin,
+};
+use pingora_load_balancing::Backend;
+
+use crate::health::BackendState;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSpec {
+    pub name: Arc<str>,
+    pub backends: Vec<BackendSpec>,
+    pub balance: Balance,
+    pub health: Option<HealthSpec>,
+    pub timeouts: Timeouts,
+    /// Total tries per request, first included (>= 1).
+    pub attempts: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    Random,
+    ConsistentHash(HashKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(HeaderName),
+    ClientIp,
+    Path,
+}
+
+impl HashKey {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "client_ip" => Ok(Self::ClientIp),
+            "path" => Ok(Self::Path),
+            _ => match text.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(Self::Header)
+                    .map_err(|_| format!("invalid header name {name:?}")),
+                None => Err(format!(
+                    "unknown hash key {text:?}: expected `header:NAME`, `client_ip` or `path`"
+                )),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub kind: HealthKind,
+    pub path: String,
+    pub host: Option<String>,
+    pub expect_status: Vec<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub total: Duration,
+    pub idle: Duration,
+}
+
+enum Selector {
+    RoundRobin(Arc<RoundRobin>),
+    Random(Arc<Random>),
+    Consistent(Arc<Consistent>),
+}
+
+/// Why no backend could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// Every backend is unhealthy.
+    NoneHealthy,
+    /// Healthy backends exist but every one was already tried by this request.
+    AllTried,
+}
+
+/// A runtime upstream: its spec, a selector built over its backends, and each backend's shared
+/// health state (which outlives this snapshot).
+pub struct Upstream {
+    pub spec: UpstreamSpec,
+    pub backends: Vec<Arc<BackendState>>,
+    selector: Selector,
+}
+
+impl Upstream {
+    /// `states[i]` belongs to `spec.backends[i]`.
+    pub fn new(spec: UpstreamSpec, states: Vec<Arc<BackendState>>) -> Self {
+        let set: BTreeSet<Backend> = spec
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let mut backend = Backend {
+                    addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(b.addr),
+                    weight: b.weight,
+                    ext: http::Extensions::new(),
+                };
+                backend.ext.insert(i);
+                backend
+            })
+            .collect();
+        let selector = match spec.balance {
+            Balance::RoundRobin => Selector::RoundRobin(Arc::new(RoundRobin::build(&set))),
+            Balance::Random => Selector::Random(Arc::new(Random::build(&set))),
+            Balance::ConsistentHash(_) => Selector::Consistent(Arc::new(Consistent::build(&set))),
+        };
+        Self {
+            spec,
+            backends: states,
+            selector,
+        }
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.backends.iter().any(|b| b.is_healthy())
+    }
+
+    /// Pick a healthy backend not in `tried`, by the upstream's algorithm and `key` (used by
+    /// consistent hashing only). Returns the backend's index.
+    pub fn select(&self, key: &[u8], tried: &[u16]) -> Result<usize, NoBackend> {
+        if !self.any_healthy() {
+            return Err(NoBackend::NoneHealthy);
+        }
+        let accept = |i: usize| !tried.contains(&(i as u16)) && self.backends[i].is_healthy();
+        // Enough iterations for the algorithm's own fallback order to visit every backend
+        // with high probability; a linear scan below guarantees the answer either way.
+        let max_iter = 8 + 2 * self.backends.len();
+        let picked = match &self.selector {
+            Selector::RoundRobin(s) => first_accepted(s.iter(key), max_iter, accept),
+            Selector::Random(s) => first_accepted(s.iter(key), max_iter, accept),
+            Selector::Consistent(s) => first_accepted(s.iter(key), max_iter, accept),
+        };
+        picked
+            .or_else(|| (0..self.backends.len()).find(|&i| accept(i)))
+            .ok_or(NoBackend::AllTried)
+    }
+}
+
+fn first_accepted(
+    mut iter: impl BackendIter,
+    max_iter: usize,
+    accept: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    for _ in 0..max_iter {
+        let backend = iter.next()?;
+        let index = *backend.ext.get::<usize>()?;
+        if accept(index) {
+            return Some(index);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(balance: Balance, weights: &[usize]) -> UpstreamSpec {
+        UpstreamSpec {
+            name: "u".into(),
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| BackendSpec {
+                    addr: format!("127.0.0.1:{}", 4000 + i).parse().expect("addr"),
+                    weight,
+                })
+                .collect(),
+            balance,
+            health: None,
+            timeouts: Timeouts {
+                connect: Duration::from_secs(1),
+                read: Duration::from_secs(1),
+                write: Duration::from_secs(1),
+                total: Duration::from_secs(1),
+                idle: Duration::from_secs(1),
+            },
+            attempts: 2,
+        }
+    }
+
+    fn upstream(balance: Balance, weights: &[usize]) -> Upstream {
+        let s = spec(balance, weights);
+        let states = s
+            .backends
+            .iter()
+            .map(|_| Arc::new(BackendState::new(true)))
+            .collect();
+        Upstream::new(s, states)
+    }
+
+    #[test]
+    fn round_robin_is_even_and_weights_hold() {
+        let u = upstream(Balance::RoundRobin, &[1, 1, 1]);
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            counts[u.select(b"", &[]).expect("pick")] += 1;
+        }
+        assert_eq!(counts, [100, 100, 100]);
+        let u = upstream(Balance::RoundRobin, &[3, 1]);
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            counts[u.select(b"", &[]).expect("pick")] += 1;
+        }
+        assert_eq!(counts, [300, 100]);
+    }
+
+    #[test]
+    fn skips_unhealthy_and_tried() {
+        let u = upstream(Balance::Random, &[1, 1, 1]);
+        u.backends[1].set_healthy(false);
+        for _ in 0..100 {
+            let i = u.select(b"", &[0]).expect("pick");
+            assert_eq!(i, 2);
+        }
+        assert_eq!(u.select(b"", &[0, 2]), Err(NoBackend::AllTried));
+        for b in &u.backends {
+            b.set_healthy(false);
+        }
+        assert_eq!(u.select(b"", &[]), Err(NoBackend::NoneHealthy));
+    }
+
+    #[test]
+    fn consistent_hash_is_stable_and_falls_over() {
+        let u = upstream(Balance::ConsistentHash(HashKey::Path), &[1, 1, 1, 1]);
+        let first = u.select(b"user-42", &[]).expect("pick");
+        for _ in 0..10 {
+            assert_eq!(u.select(b"user-42", &[]), Ok(first));
+        }
+        u.backends[first].set_healthy(false);
+        let second = u.select(b"user-42", &[]).expect("pick");
+        assert_ne!(second, first);
+    }
+
+    #[test]
+    fn hash_key_parsing() {
+        assert_eq!(HashKey::parse("client_ip"), Ok(HashKey::ClientIp));
+        assert!(matches!(
+            HashKey::parse("header:X-User"),
+            Ok(HashKey::Header(_))
+        ));
+        assert!(HashKey::parse("header:bad name").is_err());
+        assert!(HashKey::parse("cookie").is_err());
+    }
+}
