@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora_core::server::ShutdownWatch;
+use pingora_core::server::{ExecutionPhase, ShutdownWatch};
 use pingora_core::services::background::BackgroundService;
 use pingora_core::services::ServiceReadyNotifier;
 use serde::Serialize;
@@ -42,6 +42,11 @@ pub struct Control {
     pub pid_file: Option<String>,
     /// Set by a SIGHUP that arrived before the control loop was listening.
     pub early_hup: Arc<AtomicBool>,
+    /// Set once the process starts handing over to a new binary or shutting down: responses
+    /// then carry `Connection: close`, so clients leave this process's keep-alive connections
+    /// after their current request instead of racing its exit on an idle one.
+    pub draining: Arc<AtomicBool>,
+    phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
     last: Mutex<Option<ReloadOutcome>>,
     requests: mpsc::Sender<oneshot::Sender<ReloadOutcome>>,
@@ -58,11 +63,18 @@ impl Control {
             book: HealthBook::default(),
             started_at: SystemTime::now(),
             early_hup,
+            draining: Arc::new(AtomicBool::new(false)),
+            phases: Mutex::new(None),
             initial: Mutex::new(Some(config)),
             last: Mutex::new(None),
             requests,
             inbox: Mutex::new(Some(inbox)),
         })
+    }
+
+    /// Give the control plane pingora's lifecycle phases (to start draining on upgrade/stop).
+    pub fn watch_phases(&self, rx: tokio::sync::broadcast::Receiver<ExecutionPhase>) {
+        *self.phases.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
     }
 
     /// Ask the control plane to reload and wait for the outcome (used by `POST /admin/reload`).
@@ -193,6 +205,30 @@ impl BackgroundService for ControlService {
                 None
             }
         };
+        let phases = control
+            .phases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut phases) = phases {
+            let draining = control.draining.clone();
+            tokio::spawn(async move {
+                while let Ok(phase) = phases.recv().await {
+                    if matches!(
+                        phase,
+                        ExecutionPhase::GracefulUpgradeTransferringFds
+                            | ExecutionPhase::GracefulUpgradeCloseTimeout
+                            | ExecutionPhase::GracefulTerminate
+                            | ExecutionPhase::ShutdownStarted
+                    ) {
+                        log::info!(
+                            "draining: keep-alive connections close after their current request"
+                        );
+                        draining.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
         control.publish_initial().await;
         if let Some(pid_file) = &control.pid_file {
             // pingora writes it only when daemonized; operators expect it either way.

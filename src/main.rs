@@ -108,6 +108,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         early_hup,
     );
 
+    control.watch_phases(server.watch_execution_phase());
     let control_handle = server.add_service(background_service(
         "tollgate control",
         ControlService(control.clone()),
@@ -117,6 +118,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         &server.configuration,
         Gateway {
             current: control.current.clone(),
+            draining: control.draining.clone(),
         },
         "tollgate proxy",
     );

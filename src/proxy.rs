@@ -16,6 +16,7 @@
 //! response compression module reads its level when the request header is processed, which is
 //! right after this phase, so the route (which owns the level) must be known by then.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,8 @@ const MAX_ATTEMPTS: usize = 10;
 
 pub struct Gateway {
     pub current: SharedSnapshot,
+    /// True while handing over to a new process or shutting down (see `control`).
+    pub draining: Arc<AtomicBool>,
 }
 
 /// Per-request state. The snapshot `Arc` is taken once here and kept to the end.
@@ -169,7 +172,11 @@ impl ProxyHttp for Gateway {
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         // pingora's default keep-alive never times out (#447).
-        session.set_keepalive(Some(ctx.snapshot.keepalive_secs));
+        if self.draining.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(ctx.snapshot.keepalive_secs));
+        }
         let req = session.req_header();
         let host = route::normalize_host(request_host(req));
         ctx.route = ctx

@@ -50,6 +50,9 @@ pub struct UpstreamSection {
     pub backends: Vec<BackendSection>,
     #[serde(default)]
     pub balance: BalanceSection,
+    /// For `consistent_hash`: `header:NAME`, `client_ip` or `path`.
+    #[serde(default)]
+    pub hash_key: Option<String>,
     #[serde(default)]
     pub health_check: Option<HealthCheckSection>,
     #[serde(default)]
@@ -67,17 +70,15 @@ pub struct BackendSection {
 }
 
 /// `round_robin` (weights honoured), `weighted` (the same algorithm, named for clarity), `random`
-/// (weighted), or `{ consistent_hash: { key: header:NAME | client_ip | path } }`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+/// (weighted), or `consistent_hash` (weighted Ketama; needs `hash_key`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
 pub enum BalanceSection {
     #[default]
     RoundRobin,
     Weighted,
     Random,
-    ConsistentHash {
-        key: String,
-    },
+    ConsistentHash,
 }
 
 #[derive(Debug, Clone, Deserialize)]

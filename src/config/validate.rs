@@ -220,16 +220,30 @@ fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> U
             backends.push(BackendSpec { addr, weight });
         }
     }
-    let balance = match &u.balance {
-        BalanceSection::RoundRobin | BalanceSection::Weighted => Balance::RoundRobin,
-        BalanceSection::Random => Balance::Random,
-        BalanceSection::ConsistentHash { key } => match HashKey::parse(key) {
+    let balance = match (u.balance, &u.hash_key) {
+        (BalanceSection::ConsistentHash, Some(key)) => match HashKey::parse(key) {
             Ok(k) => Balance::ConsistentHash(k),
             Err(e) => {
-                c.err(format!("{at}.balance.consistent_hash.key"), e);
+                c.err(format!("{at}.hash_key"), e);
                 Balance::RoundRobin
             }
         },
+        (BalanceSection::ConsistentHash, None) => {
+            c.err(
+                format!("{at}.balance"),
+                "consistent_hash needs hash_key (header:NAME, client_ip or path)",
+            );
+            Balance::RoundRobin
+        }
+        (_, Some(_)) => {
+            c.err(
+                format!("{at}.hash_key"),
+                "only used with balance: consistent_hash",
+            );
+            Balance::RoundRobin
+        }
+        (BalanceSection::RoundRobin | BalanceSection::Weighted, None) => Balance::RoundRobin,
+        (BalanceSection::Random, None) => Balance::Random,
     };
     let health = u.health_check.as_ref().map(|h| {
         let hat = format!("{at}.health_check");

@@ -1,0 +1,489 @@
+#!/usr/bin/env bash
+# Whole-gateway benchmark: Tollgate against NGINX, HAProxy and a bare pingora reference proxy.
+#
+# Run (from anywhere; root on Debian/Ubuntu installs missing tools with apt-get):
+#
+#   scripts/bench.sh
+#   ROUNDS=5 DURATION=20s scripts/bench.sh              # longer, steadier
+#   ROUNDS=1 DURATION=3s BENCH_OUT=/tmp/b.md scripts/bench.sh   # quick smoke run
+#
+# Other knobs (env): CONNECTIONS=64 WRK_THREADS=1 WARMUP=1s PROXY_CPU=1 LOAD_CPU=0
+#   UPSTREAM_CPU=<LOAD_CPU on 2 cores, else 2> BUILD=1 (0 = reuse the binaries already built)
+#   CARGO_TARGET_DIR (honoured, as cargo does).
+#
+# What it does: builds `tollgate` and `examples/reference_proxy.rs` with the release profile,
+# starts ONE upstream (NGINX answering "hello"), then the four proxies in front of it, each
+# pinned to the same core. wrk drives each proxy in interleaved rounds (every proxy once per
+# round, the order rotated each round) so machine drift hits all of them equally.
+#
+# What it prints: one line per run, then a table of medians per proxy — requests/s, p50 and p99
+# latency, CPU microseconds per request of the proxy's processes (utime+stime from /proc over
+# the requests wrk completed), and the ratios CPU/request vs NGINX, vs the reference proxy, and
+# p99 vs the reference proxy. The table is also written as markdown to BENCH_OUT
+# (default run/bench.md; run/ is gitignored).
+#
+# Core layout: the proxy under test gets a core of its own (PROXY_CPU); wrk and the upstream
+# share the other (LOAD_CPU). On a 2-core machine that is the only split that keeps the proxy's
+# CPU time clean: the proxy is what we measure, and wrk + upstream NGINX are cheap per request
+# and identical for every proxy, so sharing a core shifts all proxies' throughput alike.
+# CPU/request is the headline number: it does not depend on how fast the load side is.
+
+set -euo pipefail
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-1s}
+CONNECTIONS=${CONNECTIONS:-64}
+WRK_THREADS=${WRK_THREADS:-1}
+BUILD=${BUILD:-1}
+BENCH_OUT=${BENCH_OUT:-$REPO/run/bench.md}
+PROXY_CPU=${PROXY_CPU:-1}
+LOAD_CPU=${LOAD_CPU:-0}
+if [[ -z ${UPSTREAM_CPU:-} ]]; then
+    # With a third core the upstream gets its own; otherwise it shares wrk's.
+    if (($(nproc) >= 3)); then UPSTREAM_CPU=2; else UPSTREAM_CPU=$LOAD_CPU; fi
+fi
+# The order of the table; the first round runs them in this order, later rounds rotate it.
+PROXIES=(nginx haproxy reference tollgate)
+# nginx and haproxy live in /usr/sbin, which is not on a normal user's PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
+RESULTS="$WORK/results.tsv" # proxy round rps p50_us p99_us cpu_us_per_req requests errors
+declare -A PROXY_PID=()     # proxy name -> pid of the process we started (the tree root)
+declare -A PROXY_PORT=()    # proxy name -> listening port
+STARTED_PIDS=()             # every pid we started, for cleanup
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: stop exactly the processes this script started (and their children), remove $WORK.
+# ---------------------------------------------------------------------------------------------
+
+# A pid and all its descendants (nginx master -> worker), children first.
+tree_pids() {
+    local pid=$1 child
+    for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+        tree_pids "$child"
+    done
+    echo "$pid"
+}
+
+cleanup() {
+    local status=$? pid all=() i alive
+    trap - EXIT INT TERM
+    for pid in "${STARTED_PIDS[@]}"; do
+        # shellcheck disable=SC2207
+        all+=($(tree_pids "$pid"))
+    done
+    if ((${#all[@]})); then
+        kill -TERM "${all[@]}" 2>/dev/null || true
+        # Give graceful shutdowns (pingora's grace period is set to 1 s) a moment, then force.
+        for i in $(seq 50); do
+            alive=0
+            for pid in "${all[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+            ((alive)) || break
+            sleep 0.1
+        done
+        for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+        wait 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------
+# Tools and builds
+# ---------------------------------------------------------------------------------------------
+
+# Install what is missing when we can (root + apt-get), otherwise say what to install.
+ensure_tools() {
+    local -A pkg_of=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [cmake]=cmake [curl]=curl
+        [python3]=python3 [taskset]=util-linux [cargo]=)
+    local tool missing=() pkgs=()
+    for tool in "${!pkg_of[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 && continue
+        missing+=("$tool")
+        [[ -n ${pkg_of[$tool]} ]] && pkgs+=("${pkg_of[$tool]}")
+    done
+    ((${#missing[@]})) || return 0
+    if ((${#pkgs[@]})) && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing: ${pkgs[*]}"
+        apt-get update -q >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >&2
+        # The Debian nginx package starts a system nginx on port 80: we never use it, stop it
+        # so it does not compete for the cores.
+        if [[ " ${pkgs[*]} " == *" nginx "* ]] && command -v systemctl >/dev/null 2>&1; then
+            systemctl stop nginx 2>/dev/null || true
+        fi
+    fi
+    for tool in "${missing[@]}"; do
+        command -v "$tool" >/dev/null 2>&1 || die "missing tool: $tool (install it, or run as root on Debian/Ubuntu)"
+    done
+}
+
+# Build both binaries with the release profile of the root Cargo.toml (fat LTO, 1 codegen unit,
+# mimalloc in both), at low priority so a build never starves other work on the machine.
+build() {
+    local target_dir
+    target_dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+    TOLLGATE_BIN="$target_dir/release/tollgate"
+    REFERENCE_BIN="$target_dir/release/examples/reference_proxy"
+    if [[ $BUILD != 0 ]]; then
+        log "building tollgate and examples/reference_proxy (release) into $target_dir"
+        (cd "$REPO" && nice -n 19 cargo build --release --bin tollgate --example reference_proxy >&2)
+    fi
+    [[ -x $TOLLGATE_BIN ]] || die "not built: $TOLLGATE_BIN"
+    [[ -x $REFERENCE_BIN ]] || die "not built: $REFERENCE_BIN"
+}
+
+# N distinct free TCP ports, chosen by the kernel (bind port 0). All sockets stay open until all
+# ports are known, so the N ports differ from each other.
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------
+# Servers. Each runs in the foreground of its own background job, pinned with taskset (which
+# execs, so $! is the server's own pid and its children inherit the affinity).
+# ---------------------------------------------------------------------------------------------
+
+# Start a command pinned to a core; remember its pid. Usage: start NAME CPU CMD...
+start() {
+    local name=$1 cpu=$2
+    shift 2
+    taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PIDS+=($!)
+    LAST_PID=$!
+}
+
+# Wait until http://127.0.0.1:PORT/ answers 200 (and the process is still alive).
+wait_ready() {
+    local name=$1 port=$2 pid=$3 i
+    for i in $(seq 150); do
+        kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name exited at start"; }
+        if [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/" 2>/dev/null) == 200 ]]; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    tail -20 "$WORK/$name.log" >&2
+    die "$name did not answer 200 on port $port within 30 s"
+}
+
+# Settings shared by both NGINX instances: everything under $WORK (no root-owned paths), no
+# access log (no proxy here logs requests), and no cap on requests per keep-alive connection
+# (NGINX's default closes a connection every 1000 requests; pingora and HAProxy do not).
+nginx_common() {
+    local dir=$1
+    cat <<EOF
+worker_processes 1;
+daemon off;
+master_process on;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+nginx_http_common() {
+    local dir=$1
+    cat <<EOF
+    access_log off;
+    keepalive_requests 1000000000;
+    keepalive_timeout 60s;
+    client_body_temp_path $dir/client_body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+EOF
+}
+
+# The one upstream every proxy forwards to: NGINX answering a fixed 6-byte body.
+start_upstream() {
+    local port=$1 dir="$WORK/upstream"
+    mkdir -p "$dir"
+    {
+        nginx_common "$dir"
+        echo "http {"
+        nginx_http_common "$dir"
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$port;
+        location / { default_type text/plain; return 200 "hello\n"; }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    start upstream "$UPSTREAM_CPU" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+    wait_ready upstream "$port" "$LAST_PID"
+}
+
+start_nginx() {
+    local port=$1 upstream=$2 dir="$WORK/nginx"
+    mkdir -p "$dir"
+    {
+        nginx_common "$dir"
+        echo "http {"
+        nginx_http_common "$dir"
+        cat <<EOF
+    upstream backend {
+        server 127.0.0.1:$upstream;
+        keepalive 128;
+        keepalive_requests 1000000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    start nginx "$PROXY_CPU" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+}
+
+# One process, one thread (-db: stay in the foreground, no master/worker split). HTTP mode keeps
+# both sides alive by default; the options are spelled out so the intent is visible.
+start_haproxy() {
+    local port=$1 upstream=$2 dir="$WORK/haproxy"
+    mkdir -p "$dir"
+    cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 10000
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse safe
+    timeout connect 1s
+    timeout client 60s
+    timeout server 30s
+    timeout http-keep-alive 60s
+
+frontend fe
+    bind 127.0.0.1:$port
+    default_backend be
+
+backend be
+    server s1 127.0.0.1:$upstream
+EOF
+    haproxy -c -q -f "$dir/haproxy.cfg" || die "haproxy rejected its config"
+    start haproxy "$PROXY_CPU" haproxy -db -f "$dir/haproxy.cfg"
+}
+
+start_reference() {
+    local port=$1 upstream=$2 dir="$WORK/reference"
+    mkdir -p "$dir"
+    REF_PID_FILE="$dir/pid" REF_UPGRADE_SOCK="$dir/upgrade.sock" \
+        start reference "$PROXY_CPU" "$REFERENCE_BIN" "127.0.0.1:$port" "127.0.0.1:$upstream"
+}
+
+# Tollgate as shipped, cut down to the benchmark: one worker thread, one route, one upstream with
+# one backend, no health check (omitted), no admin listener. Its own pid file and upgrade
+# socket so it never collides with another Tollgate on the machine.
+start_tollgate() {
+    local port=$1 upstream=$2 dir="$WORK/tollgate"
+    mkdir -p "$dir"
+    cat >"$dir/tollgate.yaml" <<EOF
+server:
+  listen: ["127.0.0.1:$port"]
+  threads: 1
+  grace_period: 1s
+  pid_file: $dir/tollgate.pid
+  upgrade_sock: $dir/tollgate_upgrade.sock
+
+upstreams:
+  bench:
+    backends:
+      - { addr: "127.0.0.1:$upstream" }
+
+routes:
+  - name: all
+    match: { path_prefix: / }
+    upstream: bench
+EOF
+    "$TOLLGATE_BIN" -t -c "$dir/tollgate.yaml" >&2 || die "tollgate rejected its config"
+    # warn: per-request logging is not what we measure (Tollgate logs nothing per request at info
+    # either; this only quiets start-up).
+    RUST_LOG=warn start tollgate "$PROXY_CPU" "$TOLLGATE_BIN" -c "$dir/tollgate.yaml"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+
+# utime+stime in clock ticks, summed over a process and all its descendants.
+cpu_ticks() {
+    local pid total=0 stat fields
+    for pid in $(tree_pids "$1"); do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        # The command name (field 2) may hold spaces: cut everything up to its closing ')'.
+        # shellcheck disable=SC2206
+        fields=(${stat##*) })
+        # After the cut, fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+        total=$((total + fields[11] + fields[12]))
+    done
+    echo "$total"
+}
+
+# Parse wrk --latency output into: rps p50_us p99_us requests errors
+# (errors = socket errors + non-2xx/3xx responses; any of them makes the run suspect).
+parse_wrk() {
+    awk '
+        function us(v) {
+            if (v ~ /us$/) return v + 0
+            if (v ~ /ms$/) return v * 1000
+            if (v ~ /s$/)  return v * 1000000
+            return v + 0
+        }
+        $1 == "50%"               { p50 = us($2) }
+        $1 == "99%"               { p99 = us($2) }
+        $2 == "requests" && $3 == "in" { requests = $1 }
+        /^Requests\/sec:/         { rps = $2 }
+        /Non-2xx or 3xx/          { errors += $NF }
+        /Socket errors:/ {
+            for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) errors += $i + 0
+        }
+        END {
+            if (rps == "" || p50 == "" || p99 == "" || requests == "") exit 1
+            printf "%s %.0f %.0f %s %d\n", rps, p50, p99, requests, errors
+        }'
+}
+
+# One measured run of one proxy: warm-up (fills connection pools), then wrk with CPU sampled
+# around it. Appends a line to $RESULTS and prints it.
+run_one() {
+    local name=$1 round=$2 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]}
+    local url="http://127.0.0.1:$port/" out before after parsed rps p50 p99 requests errors
+    taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    before=$(cpu_ticks "$pid")
+    out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    after=$(cpu_ticks "$pid")
+    echo "$out" >"$WORK/wrk.$name.$round.txt"
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name died during the run"; }
+    parsed=$(parse_wrk <<<"$out") || { echo "$out" >&2; die "cannot parse wrk output for $name"; }
+    read -r rps p50 p99 requests errors <<<"$parsed"
+    ((requests > 0)) || die "$name: wrk completed no requests"
+    local cpu_us
+    cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" \
+        'BEGIN { printf "%.2f", t * 1000000 / hz / n }')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$name" "$round" "$rps" "$p50" "$p99" "$cpu_us" "$requests" "$errors" >>"$RESULTS"
+    log "$(printf 'round %s  %-9s  %10.0f req/s  p50 %6s us  p99 %6s us  %6s us CPU/req  errors %s' \
+        "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$errors")"
+    ((errors == 0)) || log "WARNING: $name had $errors errors in round $round (see its wrk output above)"
+}
+
+# Median of a column (1-based, of $RESULTS) for one proxy.
+median() {
+    awk -F'\t' -v p="$1" -v c="$2" '$1 == p { print $c }' "$RESULTS" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# The markdown report: settings, then medians per proxy with the ratios.
+report() {
+    local name rps p50 p99 cpu errs
+    local nginx_cpu ref_cpu ref_p99
+    nginx_cpu=$(median nginx 6)
+    ref_cpu=$(median reference 6)
+    ref_p99=$(median reference 5)
+    cat <<EOF
+# Tollgate whole-gateway benchmark
+
+- $(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')
+- $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)); proxy on CPU $PROXY_CPU, wrk on CPU $LOAD_CPU, upstream on CPU $UPSTREAM_CPU
+- wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (after a $WARMUP warm-up), $ROUNDS interleaved round(s); medians shown
+- $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), pingora 0.9.1
+- CPU/req = utime+stime of all the proxy's processes over the run / requests completed
+
+| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs NGINX | CPU vs reference | p99 vs reference | errors |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+EOF
+    for name in "${PROXIES[@]}"; do
+        rps=$(median "$name" 3)
+        p50=$(median "$name" 4)
+        p99=$(median "$name" 5)
+        cpu=$(median "$name" 6)
+        errs=$(awk -F'\t' -v p="$name" '$1 == p { s += $8 } END { print s + 0 }' "$RESULTS")
+        awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v cpu="$cpu" -v e="$errs" \
+            -v ncpu="$nginx_cpu" -v rcpu="$ref_cpu" -v rp99="$ref_p99" '
+            function ratio(a, b) { return b > 0 ? sprintf("%.2f×", a / b) : "n/a" }
+            BEGIN {
+                printf "| %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %s | %d |\n",
+                    n, rps, p50 / 1000, p99 / 1000, cpu,
+                    ratio(cpu, ncpu), ratio(cpu, rcpu), ratio(p99, rp99), e
+            }'
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+main() {
+    local ports upstream_port name round i order
+    ensure_tools
+    build
+    CLK_TCK=$(getconf CLK_TCK)
+    (($(nproc) >= 2)) || log "WARNING: one core only: proxy and load share it, numbers are not meaningful"
+
+    # shellcheck disable=SC2207
+    ports=($(free_ports 5))
+    upstream_port=${ports[0]}
+    for i in "${!PROXIES[@]}"; do PROXY_PORT[${PROXIES[$i]}]=${ports[$((i + 1))]}; done
+
+    log "upstream NGINX on 127.0.0.1:$upstream_port (CPU $UPSTREAM_CPU)"
+    start_upstream "$upstream_port"
+
+    # All proxies stay up for the whole benchmark: an idle proxy costs nothing, and starting them
+    # once keeps start-up work (and Tollgate's first health/config pass) out of every run.
+    for name in "${PROXIES[@]}"; do
+        "start_$name" "${PROXY_PORT[$name]}" "$upstream_port"
+        PROXY_PID[$name]=$LAST_PID
+        wait_ready "$name" "${PROXY_PORT[$name]}" "$LAST_PID"
+        log "$name on 127.0.0.1:${PROXY_PORT[$name]} (pid $LAST_PID, CPU $PROXY_CPU)"
+    done
+
+    : >"$RESULTS"
+    for round in $(seq "$ROUNDS"); do
+        # Rotate the order each round so no proxy always runs first (or right after another).
+        order=()
+        for i in "${!PROXIES[@]}"; do
+            order+=("${PROXIES[$(((i + round - 1) % ${#PROXIES[@]}))]}")
+        done
+        for name in "${order[@]}"; do run_one "$name" "$round"; done
+    done
+
+    mkdir -p "$(dirname "$BENCH_OUT")"
+    report >"$BENCH_OUT"
+    echo
+    cat "$BENCH_OUT"
+    echo
+    log "written to $BENCH_OUT"
+}
+
+main "$@"

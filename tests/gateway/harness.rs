@@ -1,0 +1,421 @@
+//! The shared integration harness: mock HTTP upstreams that can be told to answer with a status,
+//! a delay, or to stop answering; the real `tollgate` binary started with a generated config on
+//! free ports; and `eventually`, a poll with a deadline used instead of sleeps.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use tokio::sync::oneshot;
+
+/// A port that was free a moment ago (bound to 0, then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Poll `check` until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One request as a mock upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HashMap<String, String>,
+}
+
+struct MockState {
+    name: String,
+    status: AtomicU16,
+    health_status: AtomicU16,
+    delay_ms: AtomicU64,
+    hang: AtomicBool,
+    hits: AtomicUsize,
+    health_hits: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// A mock HTTP upstream on `127.0.0.1:<free port>`. Answers every path with its name as body
+/// (`/big` answers 20 KiB of text, `/health` answers the health status).
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<MockState>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+async fn handle(State(s): State<Arc<MockState>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    if path == "/health" {
+        s.health_hits.fetch_add(1, Ordering::Relaxed);
+        return Response::builder()
+            .status(s.health_status.load(Ordering::Relaxed))
+            .body(Body::from("health"))
+            .expect("response");
+    }
+    s.hits.fetch_add(1, Ordering::Relaxed);
+    let seen = Seen {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    };
+    s.seen.lock().expect("lock").push(seen);
+    if s.hang.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+    let delay = s.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let body = if path == "/big" {
+        s.name.repeat(20 * 1024 / s.name.len().max(1))
+    } else {
+        s.name.clone()
+    };
+    Response::builder()
+        .status(s.status.load(Ordering::Relaxed))
+        .header("content-type", "text/plain")
+        .header("x-instance", s.name.as_str())
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must-not-reach-client")
+        .header("keep-alive", "timeout=30")
+        .body(Body::from(body))
+        .expect("response")
+}
+
+impl MockUpstream {
+    pub async fn start(name: &str) -> Self {
+        let state = Arc::new(MockState {
+            name: name.to_string(),
+            status: AtomicU16::new(200),
+            health_status: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
+            hang: AtomicBool::new(false),
+            hits: AtomicUsize::new(0),
+            health_hits: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut m = Self {
+            addr,
+            state,
+            stop: None,
+        };
+        m.serve(listener);
+        m
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(self.state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        self.stop = Some(tx);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::Relaxed);
+    }
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state
+            .health_status
+            .store(if healthy { 200 } else { 503 }, Ordering::Relaxed);
+    }
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+    pub fn set_hang(&self, hang: bool) {
+        self.state.hang.store(hang, Ordering::Relaxed);
+    }
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::Relaxed)
+    }
+    pub fn health_hits(&self) -> usize {
+        self.state.health_hits.load(Ordering::Relaxed)
+    }
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("lock").clone()
+    }
+    pub fn last_seen(&self) -> Seen {
+        self.seen().pop().expect("the upstream saw a request")
+    }
+    /// Stop listening: new connections are refused.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+    /// Listen again on the same address.
+    pub async fn restart(&mut self) {
+        let listener = eventually(
+            Duration::from_secs(5),
+            "rebinding the mock port",
+            || async { tokio::net::TcpListener::bind(self.addr).await.ok() },
+        )
+        .await;
+        self.serve(listener);
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running `tollgate` process with its own temp dir, config and free ports.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub admin_port: u16,
+    pub config_path: PathBuf,
+    pub child: Child,
+    server_extra: String,
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+impl Gateway {
+    /// The `server:` section the harness writes; `extra` adds lines inside it (2-space indent).
+    fn server_yaml(&self) -> String {
+        format!(
+            "server:\n  listen: [\"127.0.0.1:{}\"]\n  admin_listen: \"127.0.0.1:{}\"\n  threads: 2\n  grace_period: 1s\n  pid_file: {}\n  upgrade_sock: {}\n{}",
+            self.port,
+            self.admin_port,
+            self.dir.path().join("tollgate.pid").display(),
+            self.dir.path().join("upgrade.sock").display(),
+            self.server_extra
+        )
+    }
+
+    /// Start the gateway with `body` (upstreams and routes) and wait until its admin answers.
+    pub async fn start(body: &str) -> Self {
+        Self::start_with(body, "").await
+    }
+
+    pub async fn start_with(body: &str, server_extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("tollgate.yaml");
+        let mut gw = Self {
+            port: free_port(),
+            admin_port: free_port(),
+            config_path,
+            child: Command::new("true").spawn().expect("placeholder"),
+            dir,
+            server_extra: server_extra.to_string(),
+        };
+        gw.write(body);
+        gw.child = gw.spawn(false);
+        gw.wait_ready().await;
+        gw
+    }
+
+    pub fn spawn(&self, upgrade: bool) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("gateway.log"))
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("-c").arg(&self.config_path);
+        if upgrade {
+            cmd.arg("-u");
+        }
+        cmd.env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn tollgate")
+    }
+
+    pub fn write(&self, body: &str) {
+        std::fs::write(&self.config_path, format!("{}{}", self.server_yaml(), body))
+            .expect("write config");
+    }
+
+    pub fn write_raw(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let r = http().get(self.admin("/admin/status")).send().await.ok()?;
+        r.json().await.ok()
+    }
+
+    pub async fn generation(&self) -> u64 {
+        self.status()
+            .await
+            .and_then(|s| s["config_generation"].as_u64())
+            .unwrap_or(0)
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.status().await {
+                if s["config_generation"].as_u64() >= Some(1) {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("tollgate exited with {status}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                panic!("tollgate did not become ready:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Poll until the gateway process exits (panics after `timeout`).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate still running after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, pid: u32, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} {pid} failed");
+    }
+
+    /// SIGHUP, then wait until the generation moves past `before` or the last reload fails.
+    pub async fn sighup_and_wait(&self) -> serde_json::Value {
+        let before = self.status().await.expect("status");
+        let before_at = before["last_reload"].clone();
+        self.signal(self.child.id(), "HUP");
+        eventually(
+            Duration::from_secs(10),
+            "a reload result after SIGHUP",
+            || async {
+                let s = self.status().await?;
+                (s["last_reload"] != before_at && !s["last_reload"].is_null()).then_some(s)
+            },
+        )
+        .await
+    }
+
+    /// The body of a metrics line, e.g. `tollgate_config_reloads_total{result="error"}`.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = http()
+            .get(self.admin("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- gateway log ----\n{}", self.log());
+        }
+    }
+}
+
+/// YAML for one upstream named `name` over `backends`, with extra lines (4-space indent).
+pub fn upstream_yaml(name: &str, backends: &[&MockUpstream], extra: &str) -> String {
+    let mut s = format!("  {name}:\n    backends:\n");
+    for b in backends {
+        s.push_str(&format!("      - {{ addr: \"{}\" }}\n", b.addr));
+    }
+    s.push_str(extra);
+    s
+}
+
+/// GET `url` and return (status, body), or None on a transport error.
+pub async fn get(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {
+    let r = client.get(url).send().await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}

@@ -1,0 +1,154 @@
+//! Proxy hygiene: X-Forwarded-*, hop-by-hop removal both ways, h2c and HTTP/1.1 on one port,
+//! response compression per route, and the downstream keep-alive idle timeout.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_and_hop_by_hop_removal() {
+    let a = MockUpstream::start("a").await;
+    let body = format!(
+        "upstreams:\n{}routes:\n  - {{ name: zipped, match: {{ path: /big }}, upstream: u, compression: {{ gzip: 6 }} }}\n  - {{ name: r, upstream: u }}\n",
+        upstream_yaml("u", &[&a], "")
+    );
+    let gw = Gateway::start(&body).await;
+    let client = http();
+    let resp = client
+        .get(gw.url("/x"))
+        .header("host", "shop.example")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("proxy-connection", "keep-alive")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    // Response side: Connection-named and hop-by-hop headers are gone.
+    assert!(resp.headers().get("x-hop").is_none());
+    assert!(resp.headers().get("keep-alive").is_none());
+    assert_eq!(
+        resp.headers().get("x-instance").map(|v| v.as_bytes()),
+        Some(&b"a"[..])
+    );
+
+    let seen = a.last_seen();
+    assert_eq!(
+        seen.headers.get("x-forwarded-for").map(String::as_str),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(
+        seen.headers.get("x-forwarded-proto").map(String::as_str),
+        Some("http")
+    );
+    assert_eq!(
+        seen.headers.get("x-forwarded-host").map(String::as_str),
+        Some("shop.example")
+    );
+    assert_eq!(
+        seen.headers.get("host").map(String::as_str),
+        Some("shop.example")
+    );
+    assert!(!seen.headers.contains_key("x-private"));
+    assert!(!seen.headers.contains_key("proxy-connection"));
+
+    // Compression on the route that asks for it, not on the other.
+    let raw = reqwest::Client::builder()
+        .no_gzip()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let zipped = raw
+        .get(gw.url("/big"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(
+        zipped
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.as_bytes()),
+        Some(&b"gzip"[..])
+    );
+    let bytes = zipped.bytes().await.expect("body");
+    assert!(
+        bytes.len() < 20 * 1024 / 4,
+        "gzip body is {} bytes",
+        bytes.len()
+    );
+    let plain = raw
+        .get(gw.url("/x"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("send");
+    assert!(plain.headers().get("content-encoding").is_none());
+    // And a client that does not accept gzip gets the identity body.
+    let identity = raw.get(gw.url("/big")).send().await.expect("send");
+    assert!(identity.headers().get("content-encoding").is_none());
+    assert_eq!(identity.bytes().await.expect("body").len(), 20 * 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_and_http1_share_the_port() {
+    let a = MockUpstream::start("a").await;
+    let body = format!(
+        "upstreams:\n{}routes:\n  - {{ name: r, upstream: u }}\n",
+        upstream_yaml("u", &[&a], "")
+    );
+    let gw = Gateway::start(&body).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let resp = h2.get(gw.url("/x")).send().await.expect("h2c");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.text().await.expect("body"), "a");
+    // The backend got an HTTP/1.1 request with a Host header and an origin-form target.
+    let seen = a.last_seen();
+    assert_eq!(seen.uri, "/x");
+    assert!(seen
+        .headers
+        .get("host")
+        .is_some_and(|h| h.starts_with("127.0.0.1")));
+    let resp = http().get(gw.url("/x")).send().await.expect("h1");
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keepalive_connections_are_closed() {
+    let a = MockUpstream::start("a").await;
+    let body = format!(
+        "upstreams:\n{}routes:\n  - {{ name: r, upstream: u }}\n",
+        upstream_yaml("u", &[&a], "")
+    );
+    let gw = Gateway::start_with(&body, "  keepalive_timeout: 1s\n").await;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now idle: the gateway must close the connection after about a second.
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open after 10 s");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real `tollgate` binary against mock upstreams, on free ports.
+//! Run with `cargo test --test gateway` (or `scripts/test.sh` for everything).
+
+mod harness;
+
+mod balancing;
+mod health;
+mod hygiene;
+mod lifecycle;
+mod reload;
+mod routing;
