@@ -16,6 +16,7 @@ use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHeal
 use pingora_load_balancing::Backend;
 use tokio::sync::watch;
 
+use crate::metrics;
 use crate::upstream::{HealthKind, HealthSpec, UpstreamSpec};
 
 /// Health of one backend. Lock-free to read.
@@ -113,21 +114,25 @@ impl HealthBook {
                 }
             }
         }
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, check) in first_checks {
+            probes.spawn(async move { (i, check.await) });
+        }
         let mut first = HashMap::new();
-        let results = futures_join_all(
-            first_checks
-                .into_iter()
-                .map(|(i, f)| async move { (i, f.await) }),
-        )
-        .await;
-        for (i, ok) in results {
-            first.insert(i, ok);
+        while let Some(done) = probes.join_next().await {
+            if let Ok((i, ok)) = done {
+                first.insert(i, ok);
+            }
         }
         states
             .into_iter()
             .enumerate()
             .map(|(i, s)| {
-                s.unwrap_or_else(|| Arc::new(BackendState::new(*first.get(&i).unwrap_or(&true))))
+                s.unwrap_or_else(|| {
+                    // No check configured: healthy. A first probe that could not run: unhealthy.
+                    let healthy = first.get(&i).copied().unwrap_or(spec.health.is_none());
+                    Arc::new(BackendState::new(healthy))
+                })
             })
             .collect()
     }
@@ -156,10 +161,14 @@ impl HealthBook {
                         .as_ref()
                         .map(|h| start_probe(h.clone(), b.addr, state.clone(), spec.name.clone()));
                 }
+                set_gauge(&spec.name, b.addr, state.is_healthy());
                 keep.insert(key, entry);
             }
         }
         // Whatever is left was removed from the config: dropping it stops its probe.
+        for (name, addr) in entries.keys() {
+            let _ = metrics::BACKEND_HEALTHY.remove_label_values(&[&**name, &addr.to_string()]);
+        }
         let removed = entries.len();
         *entries = keep;
         if removed > 0 {
@@ -178,19 +187,10 @@ impl HealthBook {
     }
 }
 
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
+fn set_gauge(upstream: &str, addr: SocketAddr, healthy: bool) {
+    metrics::BACKEND_HEALTHY
+        .with_label_values(&[upstream, &addr.to_string()])
+        .set(i64::from(healthy));
 }
 
 fn checker(spec: &HealthSpec, addr: SocketAddr) -> Box<dyn HealthCheck + Send + Sync> {
@@ -275,6 +275,7 @@ fn start_probe(
                 _ = stopped.changed() => return,
             };
             if let Some(now) = state.observe(ok, &task_spec) {
+                set_gauge(&upstream, addr, now);
                 let word = if now { "healthy" } else { "unhealthy" };
                 log::warn!("health: upstream {upstream} backend {addr} is now {word}");
             }

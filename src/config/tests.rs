@@ -1,1 +1,81 @@
+use std::path::Path;
 
+use proptest::prelude::*;
+
+use super::*;
+
+const GOOD: &str = "server:\n  listen: [\"127.0.0.1:8080\"]\nupstreams:\n  u:\n    backends: [{ addr: \"127.0.0.1:1\" }]\nroutes:\n  - { name: r, upstream: u }\n";
+
+#[test]
+fn a_minimal_file_loads_with_defaults() {
+    let c = load_str(Path::new("t.yaml"), GOOD).expect("valid");
+    assert_eq!(c.routes.len(), 1);
+    assert_eq!(c.upstreams[0].attempts, 3);
+    assert_eq!(
+        c.upstreams[0].timeouts.connect,
+        std::time::Duration::from_secs(1)
+    );
+    assert!(c.server.h2c);
+}
+
+#[test]
+fn errors_are_sorted_and_located() {
+    let text = GOOD
+        .replace("upstream: u", "upstream: x")
+        .replace("127.0.0.1:8080", "bad");
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("invalid");
+    assert_eq!(errs.len(), 2);
+    assert_eq!(
+        errs[0].to_string(),
+        "t.yaml:2:12: server.listen[0]: invalid address \"bad\": expected IP:PORT"
+    );
+    assert_eq!(errs[1].field, "routes[0].upstream");
+    assert_eq!((errs[1].line, errs[1].column), (7, 16));
+}
+
+#[test]
+fn hash_key_rules() {
+    let text = GOOD.replace("backends:", "balance: consistent_hash\n    backends:");
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("needs hash_key");
+    assert!(errs[0].message.contains("needs hash_key"));
+    let text = GOOD.replace("backends:", "hash_key: path\n    backends:");
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("hash_key without consistent_hash");
+    assert_eq!(errs[0].field, "upstreams.u.hash_key");
+}
+
+#[test]
+fn strip_prefix_needs_a_prefix_and_relative_paths_are_refused() {
+    let text = GOOD
+        .replace(
+            "{ name: r, upstream: u }",
+            "{ name: r, upstream: u, strip_prefix: true }",
+        )
+        .replace("listen:", "pid_file: relative.pid\n  listen:");
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("invalid");
+    let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["server.pid_file", "routes[0].strip_prefix"]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any text at all: an error or a config, never a panic.
+    #[test]
+    fn loader_never_panics(text in ".{0,400}") {
+        let _ = load_str(Path::new("fuzz.yaml"), &text);
+    }
+
+    /// Mutations of a valid file: same promise, and every error is located inside the file.
+    #[test]
+    fn mutated_files_never_panic(pos in 0usize..GOOD.len(), insert in "[ -~\n]{0,12}") {
+        let mut text = GOOD.to_string();
+        let pos = (0..=pos).rev().find(|p| text.is_char_boundary(*p)).unwrap_or(0);
+        text.insert_str(pos, &insert);
+        if let Err(errs) = load_str(Path::new("m.yaml"), &text) {
+            let lines = text.lines().count().max(1) + 1;
+            for e in errs {
+                prop_assert!(e.line <= lines, "{e} points past the end");
+            }
+        }
+    }
+}

@@ -46,6 +46,11 @@ async fn backend_goes_down_after_threshold_and_comes_back() {
         "flipped before the threshold"
     );
 
+    let series = format!(
+        "tollgate_backend_healthy{{backend=\"{}\",upstream=\"u\"}}",
+        b.addr
+    );
+    assert_eq!(gw.metric(&series).await, Some(0.0));
     // No traffic reaches b while it is down.
     let client = http();
     let before = b.hits();
