@@ -1,1 +1,89 @@
-fn main() {}
+//! Criterion benches of the functions every request runs: route matching and backend selection.
+//!
+//! ```text
+//! cargo bench --bench hot_path
+//! ```
+
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::Method;
+
+use tollgate::config;
+use tollgate::health::BackendState;
+use tollgate::route;
+use tollgate::upstream::Upstream;
+
+fn config_with_routes(n: usize, balance: &str) -> config::GatewayConfig {
+    let mut text = format!(
+        "server:\n  listen: [\"127.0.0.1:8080\"]\nupstreams:\n  u:\n    balance: {balance}\n    backends:\n"
+    );
+    for i in 0..8 {
+        text.push_str(&format!("      - {{ addr: \"10.0.0.{i}:80\" }}\n"));
+    }
+    if balance == "consistent_hash" {
+        text.push_str("    hash_key: header:X-User\n");
+    }
+    text.push_str("routes:\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "  - {{ name: r{i}, match: {{ hosts: [\"*.svc{i}.example.com\"], path_prefix: /api/v{i}, methods: [GET, POST] }}, upstream: u }}\n"
+        ));
+    }
+    text.push_str("  - { name: last, match: { path_prefix: /api }, upstream: u }\n");
+    config::load_str(Path::new("bench.yaml"), &text).expect("bench config")
+}
+
+fn upstream(cfg: &config::GatewayConfig) -> Upstream {
+    let spec = cfg.upstreams[0].clone();
+    let states = spec
+        .backends
+        .iter()
+        .map(|_| std::sync::Arc::new(BackendState::new(true)))
+        .collect();
+    Upstream::new(spec, states)
+}
+
+fn bench(c: &mut Criterion) {
+    let cfg = config_with_routes(1, "round_robin");
+    c.bench_function("route/first_of_2", |b| {
+        b.iter(|| {
+            route::find(
+                &cfg.routes,
+                black_box("a.svc0.example.com"),
+                black_box("/api/v0/items"),
+                &Method::GET,
+            )
+        })
+    });
+    let cfg20 = config_with_routes(20, "round_robin");
+    c.bench_function("route/fallthrough_21", |b| {
+        b.iter(|| {
+            route::find(
+                &cfg20.routes,
+                black_box("other.host"),
+                black_box("/api/items"),
+                &Method::GET,
+            )
+        })
+    });
+    c.bench_function("route/normalize_host", |b| {
+        b.iter(|| route::normalize_host(black_box("Api.Example.com:8080")))
+    });
+    let rr = upstream(&cfg);
+    c.bench_function("select/round_robin_8", |b| {
+        b.iter(|| rr.select(black_box(b""), &[]))
+    });
+    let ch = upstream(&config_with_routes(1, "consistent_hash"));
+    c.bench_function("select/consistent_hash_8", |b| {
+        b.iter(|| ch.select(black_box(b"user-12345"), &[]))
+    });
+    rr.backends[3].set_healthy(false);
+    c.bench_function("select/round_robin_8_one_down_one_tried", |b| {
+        b.iter(|| rr.select(black_box(b""), &[4]))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

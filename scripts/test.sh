@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything CI checks, in one command (what `.ci/run` calls):
+#
+#   scripts/test.sh
+#
+# Installs what is missing (redis-server, postgresql, cmake) on Debian/Ubuntu, then runs
+# rustfmt, clippy (warnings are errors), `tollgate -t` on every shipped config, and every test
+# (unit, property, integration against the real binary, benches in test mode).
+# Set CARGO_TARGET_DIR to a directory outside the clone to reuse builds between runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_packages cmake:cmake redis-server:redis-server '/usr/lib/postgresql/*/bin/initdb:postgresql' \
+    gcc:build-essential pkg-config:pkg-config
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+target=${CARGO_TARGET_DIR:-target}
+
+echo "== rustfmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== build"
+cargo build --locked --bins
+echo "== check shipped configs"
+for f in conf/tollgate.yaml conf/examples/*.yaml; do
+    [ -e "$f" ] || continue
+    "$target/debug/tollgate" -t -c "$f"
+done
+echo "== tests"
+cargo test --locked --all-targets
+echo "== all checks passed"
