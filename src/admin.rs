@@ -10,9 +10,13 @@ use http::{Method, Response};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{Encoder, TextEncoder};
+use serde::Deserialize;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::control::Control;
+use crate::identity::jwt::valid_id;
+use crate::store::StoreError;
 
 pub struct Admin {
     pub control: Arc<Control>,
@@ -42,6 +46,10 @@ impl Admin {
             "config_generation": snap.generation,
             "last_reload": self.control.last_reload(),
             "health_probes": self.control.book.probe_count(),
+            "redis": snap.shared.as_ref().map(|s| json!({
+                "url": s.store.display_url(),
+                "up": s.store.is_up(),
+            })),
         })
     }
 
@@ -77,12 +85,154 @@ impl Admin {
     }
 }
 
+/// Read a request body of at most `limit` bytes.
+async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, ()> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = session.read_request_body().await {
+        if body.len() + chunk.len() > limit {
+            return Err(());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn error(status: u16, code: &str, message: &str) -> Response<Vec<u8>> {
+    json_response(status, json!({"error": code, "message": message}))
+}
+
+fn store_error(e: StoreError) -> Response<Vec<u8>> {
+    let _ = e;
+    error(
+        503,
+        "redis_unavailable",
+        "Redis did not answer; nothing was changed",
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    consumer: String,
+    tier: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    /// Seconds until the key expires; absent = never.
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl Admin {
+    /// `Authorization: Bearer <admin token>`, compared in constant time.
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let snap = self.control.current.load();
+        let Some(expected) = &snap.admin_token else {
+            return true;
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+            .unwrap_or("");
+        bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+    }
+
+    async fn keys(
+        &self,
+        session: &mut ServerSession,
+        method: &Method,
+        path: &str,
+    ) -> Response<Vec<u8>> {
+        let snap = self.control.current.load_full();
+        let Some(shared) = &snap.shared else {
+            return error(
+                409,
+                "redis_not_configured",
+                "issued keys need a `redis:` section",
+            );
+        };
+        match (method, path.strip_prefix("/admin/keys").unwrap_or("")) {
+            (&Method::GET, "" | "/") => match shared.issued.list().await {
+                Ok(keys) => json_response(200, json!({ "keys": keys })),
+                Err(e) => store_error(e),
+            },
+            (&Method::POST, "" | "/") => {
+                let Ok(body) = read_body(session, 64 * 1024).await else {
+                    return error(413, "body_too_large", "at most 64 KiB");
+                };
+                let new: NewKey = match serde_json::from_slice(&body) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return error(
+                            400,
+                            "invalid_body",
+                            &format!("expected {{consumer, tier, roles?, expires_in?}}: {e}"),
+                        )
+                    }
+                };
+                if !valid_id(&new.consumer) || new.roles.iter().any(|r| !valid_id(r)) {
+                    return error(
+                        400,
+                        "invalid_body",
+                        "consumer and roles are 1-256 visible ASCII characters without commas",
+                    );
+                }
+                if !snap.identity.tier_index.contains_key(&new.tier) || new.tier == "anonymous" {
+                    return error(400, "invalid_body", &format!("unknown tier {:?}", new.tier));
+                }
+                if new.expires_in == Some(0) {
+                    return error(400, "invalid_body", "expires_in must be at least 1 second");
+                }
+                match shared
+                    .issued
+                    .issue(new.consumer, new.tier, new.roles, new.expires_in)
+                    .await
+                {
+                    Ok((key, record)) => {
+                        json_response(201, json!({ "key": key, "record": record }))
+                    }
+                    Err(e) => store_error(e),
+                }
+            }
+            (&Method::DELETE, id) if id.len() > 1 => match shared.issued.revoke(&id[1..]).await {
+                Ok(true) => json_response(200, json!({ "revoked": &id[1..] })),
+                Ok(false) => error(404, "not_found", "no such key"),
+                Err(e) => store_error(e),
+            },
+            _ => error(
+                405,
+                "method_not_allowed",
+                "GET or POST /admin/keys, DELETE /admin/keys/{id}",
+            ),
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();
+        if path.starts_with("/admin/") && !self.authorized(session) {
+            let mut r = error(
+                401,
+                "unauthorized",
+                "a valid admin bearer token is required",
+            );
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static(r#"Bearer realm="tollgate-admin""#),
+            );
+            return r;
+        }
+        if path == "/admin/keys" || path.starts_with("/admin/keys/") {
+            return self.keys(session, &method, &path).await;
+        }
         match (method, path.as_str()) {
             (Method::GET, "/metrics") => {
                 let encoder = TextEncoder::new();

@@ -15,12 +15,14 @@ use pingora_core::server::{ExecutionPhase, ShutdownWatch};
 use pingora_core::services::background::BackgroundService;
 use pingora_core::services::ServiceReadyNotifier;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, ConfigError, GatewayConfig};
 use crate::health::HealthBook;
+use crate::identity::issued::IssuedKeys;
 use crate::metrics;
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::snapshot::{Shared, SharedSnapshot, Snapshot};
+use crate::store::{Store, StoreSpec};
 
 /// The result of one reload attempt, as the admin API and logs report it.
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +50,7 @@ pub struct Control {
     pub draining: Arc<AtomicBool>,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
+    redis: Mutex<Option<RedisHandle>>,
     last: Mutex<Option<ReloadOutcome>>,
     requests: mpsc::Sender<oneshot::Sender<ReloadOutcome>>,
     inbox: Mutex<Option<mpsc::Receiver<oneshot::Sender<ReloadOutcome>>>>,
@@ -66,6 +69,7 @@ impl Control {
             draining: Arc::new(AtomicBool::new(false)),
             phases: Mutex::new(None),
             initial: Mutex::new(Some(config)),
+            redis: Mutex::new(None),
             last: Mutex::new(None),
             requests,
             inbox: Mutex::new(Some(inbox)),
@@ -88,6 +92,39 @@ impl Control {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The shared Redis parts for `spec`: kept across reloads while the spec is unchanged;
+    /// replaced (and the old revocation feed stopped) when it changes; dropped when removed.
+    fn shared_for(&self, spec: Option<&StoreSpec>) -> Option<Shared> {
+        let mut current = self.redis.lock().unwrap_or_else(|p| p.into_inner());
+        match (spec, current.as_ref()) {
+            (None, _) => {
+                *current = None;
+                None
+            }
+            (Some(s), Some(h)) if &h.spec == s => Some(h.shared.clone()),
+            (Some(s), _) => match Store::new(s.clone()) {
+                Ok(store) => {
+                    let store = Arc::new(store);
+                    let issued = Arc::new(IssuedKeys::new(store.clone()));
+                    let (stop, stopped) = watch::channel(false);
+                    tokio::spawn(issued.clone().follow_revocations(stopped));
+                    let shared = Shared { store, issued };
+                    *current = Some(RedisHandle {
+                        spec: s.clone(),
+                        shared: shared.clone(),
+                        _stop: stop,
+                    });
+                    Some(shared)
+                }
+                Err(e) => {
+                    log::error!("redis disabled: {e}");
+                    *current = None;
+                    None
+                }
+            },
+        }
+    }
+
     async fn publish_initial(&self) {
         let initial = self
             .initial
@@ -95,7 +132,8 @@ impl Control {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(config) = initial {
-            let snapshot = Snapshot::build(config, 1, &self.book).await;
+            let shared = self.shared_for(config.redis.as_ref());
+            let snapshot = Snapshot::build(config, 1, &self.book, shared).await;
             snapshot.commit_health(&self.book);
             metrics::CONFIG_GENERATION.set(1);
             self.current.store(Arc::new(snapshot));
@@ -142,7 +180,8 @@ impl Control {
                     log::warn!("reload: {w}");
                 }
                 let generation = old.generation + 1;
-                let snapshot = Snapshot::build(config, generation, &self.book).await;
+                let shared = self.shared_for(config.redis.as_ref());
+                let snapshot = Snapshot::build(config, generation, &self.book, shared).await;
                 self.current.store(Arc::new(snapshot));
                 // Probes follow the published snapshot: removed backends stop being checked.
                 self.current.load().commit_health(&self.book);
@@ -164,6 +203,14 @@ impl Control {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         outcome
     }
+}
+
+/// The Redis connection and revocation feed for one Redis spec.
+struct RedisHandle {
+    spec: StoreSpec,
+    shared: Shared,
+    /// Dropping it stops the revocation feed.
+    _stop: watch::Sender<bool>,
 }
 
 /// Listener and process settings cannot change in a running process.

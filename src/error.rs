@@ -7,6 +7,8 @@ use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+use crate::identity::AuthError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GatewayError {
     /// No route matches host, path and method.
@@ -21,6 +23,8 @@ pub enum GatewayError {
     BadRequest,
     /// A bug or an unexpected state; never details.
     Internal,
+    /// Authentication or authorisation refused the request (401, 403 or 503).
+    Auth(AuthError),
 }
 
 impl GatewayError {
@@ -32,6 +36,9 @@ impl GatewayError {
             Self::UpstreamTimeout => 504,
             Self::BadRequest => 400,
             Self::Internal => 500,
+            Self::Auth(AuthError::Forbidden) => 403,
+            Self::Auth(AuthError::Unavailable) => 503,
+            Self::Auth(_) => 401,
         }
     }
 
@@ -43,6 +50,7 @@ impl GatewayError {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BadRequest => "bad_request",
             Self::Internal => "internal_error",
+            Self::Auth(e) => e.reason(),
         }
     }
 
@@ -54,6 +62,30 @@ impl GatewayError {
             Self::UpstreamTimeout => "the upstream service did not answer in time",
             Self::BadRequest => "the request could not be processed",
             Self::Internal => "internal gateway error",
+            Self::Auth(AuthError::Missing) => "credentials are required for this route",
+            Self::Auth(AuthError::Ambiguous) => {
+                "send exactly one credential (one Bearer token or one API key)"
+            }
+            Self::Auth(AuthError::InvalidKey) => "the API key is not valid",
+            Self::Auth(AuthError::InvalidToken(_)) => "the bearer token is not valid",
+            Self::Auth(AuthError::Forbidden) => "the caller lacks a role this route requires",
+            Self::Auth(AuthError::Unavailable) => {
+                "the credential cannot be checked right now; retry shortly"
+            }
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub fn challenge(self) -> Option<&'static str> {
+        match self {
+            Self::Auth(AuthError::InvalidToken(_)) => {
+                Some(r#"Bearer realm="tollgate", error="invalid_token""#)
+            }
+            Self::Auth(AuthError::InvalidKey) => Some(r#"ApiKey realm="tollgate""#),
+            Self::Auth(AuthError::Missing | AuthError::Ambiguous) => {
+                Some(r#"Bearer realm="tollgate", ApiKey realm="tollgate""#)
+            }
+            _ => None,
         }
     }
 
@@ -61,6 +93,7 @@ impl GatewayError {
     pub fn retry_after(self) -> Option<u32> {
         match self {
             Self::NoHealthyBackend => Some(5),
+            Self::Auth(AuthError::Unavailable) => Some(1),
             _ => None,
         }
     }
@@ -107,6 +140,9 @@ pub async fn respond(
     header.insert_header("Content-Length", body.len())?;
     if let Some(secs) = err.retry_after() {
         header.insert_header("Retry-After", secs)?;
+    }
+    if let Some(challenge) = err.challenge() {
+        header.insert_header("WWW-Authenticate", challenge)?;
     }
     if close {
         session.set_keepalive(None);

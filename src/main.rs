@@ -44,6 +44,55 @@ struct Cli {
     /// Run in the background.
     #[arg(short = 'd', long = "daemon")]
     daemon: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// API key helpers.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum KeyCommand {
+    /// Print a fresh random key and the hash to put in `consumers[].api_keys`.
+    New,
+    /// Print the hash of KEY (or of the first line of standard input).
+    Hash { key: Option<String> },
+}
+
+fn key_command(cmd: KeyCommand) -> ExitCode {
+    use tollgate::identity::keys;
+    match cmd {
+        KeyCommand::New => {
+            let key = keys::generate();
+            println!("key:  {key}");
+            println!("hash: {}", keys::format_hash(&keys::hash(&key)));
+        }
+        KeyCommand::Hash { key } => {
+            let key = match key {
+                Some(k) => k,
+                None => {
+                    let mut line = String::new();
+                    if std::io::stdin().read_line(&mut line).is_err() {
+                        eprintln!("tollgate: cannot read the key from standard input");
+                        return ExitCode::FAILURE;
+                    }
+                    line
+                }
+            };
+            match keys::clean(key.trim_end_matches(['\r', '\n']).as_bytes()) {
+                Some(k) => println!("{}", keys::format_hash(&keys::hash(k))),
+                None => {
+                    eprintln!("tollgate: not a usable key (8-512 visible ASCII characters)");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -55,7 +104,10 @@ fn main() -> ExitCode {
         eprintln!("tollgate: cannot install the SIGHUP handler: {e}");
         return ExitCode::FAILURE;
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::Key(cmd)) = cli.command.take() {
+        return key_command(cmd);
+    }
     let config = match config::load(&cli.conf) {
         Ok(c) => c,
         Err(errors) => {

@@ -63,6 +63,39 @@ pub static BACKEND_HEALTHY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("static metric definition")
 });
 
+pub static REDIS_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_redis_errors_total",
+        "Redis calls that failed, by operation and kind (timeout | error | busy)",
+        &["op", "kind"]
+    )
+    .expect("static metric definition")
+});
+
+pub static REDIS_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "tollgate_redis_duration_seconds",
+        "Redis call latency by operation",
+        &["op"],
+        vec![0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25]
+    )
+    .expect("static metric definition")
+});
+
+pub static REDIS_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("tollgate_redis_up", "1 while the last Redis call succeeded")
+        .expect("static metric definition")
+});
+
+pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_auth_failures_total",
+        "Requests refused by authentication or authorisation, by reason",
+        &["reason"]
+    )
+    .expect("static metric definition")
+});
+
 /// `200` -> `"2xx"`, without allocating.
 pub fn status_class(status: u16) -> &'static str {
     match status {

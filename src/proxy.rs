@@ -32,6 +32,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::error::{self, GatewayError};
+use crate::identity::{self, Identity};
 use crate::metrics;
 use crate::route;
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -54,6 +55,8 @@ pub struct Ctx {
     tries: usize,
     started: Instant,
     error: Option<GatewayError>,
+    /// `None` = anonymous (no credential was needed or given).
+    identity: Option<Identity>,
 }
 
 impl Ctx {
@@ -150,6 +153,47 @@ fn method_label(m: &http::Method) -> &'static str {
     }
 }
 
+impl Gateway {
+    /// Route -> authenticate -> upstream availability. Each step may refuse the request; the
+    /// order matters: a caller without credentials learns nothing about backend health.
+    async fn admit(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<(), GatewayError> {
+        let snapshot = &ctx.snapshot;
+        let route = ctx
+            .route
+            .map(|i| &snapshot.routes[i])
+            .ok_or(GatewayError::NoRoute)?;
+        if route.auth.mode != identity::Mode::None || !route.auth.roles.is_empty() {
+            let req = session.req_header();
+            let issued = snapshot.shared.as_ref().map(|s| &*s.issued);
+            match identity::authenticate(
+                &snapshot.identity,
+                issued,
+                &route.auth,
+                &req.headers,
+                req.uri.query(),
+            )
+            .await
+            {
+                Ok(id) => ctx.identity = Some(id),
+                Err(e) => {
+                    metrics::AUTH_FAILURES
+                        .with_label_values(&[e.reason()])
+                        .inc();
+                    return Err(GatewayError::Auth(e));
+                }
+            }
+        }
+        if !snapshot.upstreams[route.upstream].any_healthy() {
+            return Err(GatewayError::NoHealthyBackend);
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
@@ -162,6 +206,7 @@ impl ProxyHttp for Gateway {
             tries: 0,
             started: Instant::now(),
             error: None,
+            identity: None,
         }
     }
 
@@ -198,15 +243,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        // Answered here, before any body is read: close the connection unless there is none.
-        let err = match ctx.upstream() {
-            None => Some(GatewayError::NoRoute),
-            Some(u) if !u.any_healthy() => Some(GatewayError::NoHealthyBackend),
-            Some(_) => None,
-        };
+        let err = self.admit(session, ctx).await.err();
         match err {
             None => Ok(false),
             Some(err) => {
+                // Answered here, before any body is read: close unless there is no body.
                 ctx.error = Some(err);
                 let close = !session.is_body_empty();
                 error::respond(session, err, "", close).await?;
@@ -309,6 +350,20 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let upgrade = session.is_upgrade_req();
         clean_request(upstream_request, upgrade);
+        // Identity headers: the client's are removed in every spelling, ours added.
+        let anonymous;
+        let id = match &ctx.identity {
+            Some(id) => id,
+            None => {
+                anonymous = Identity::anonymous();
+                &anonymous
+            }
+        };
+        identity::apply_headers(upstream_request, id, &ctx.snapshot.identity.tiers);
+        if id.method == identity::Method::ApiKey {
+            // The gateway consumed the key; the backend does not need it.
+            upstream_request.remove_header(&ctx.snapshot.identity.key_header);
+        }
 
         // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
         // send origin-form to the (HTTP/1.1) backend.

@@ -90,6 +90,7 @@ pub struct Route {
     pub rewrite: Rewrite,
     /// Compression levels (gzip, brotli, zstd); `None` = leave responses as they are.
     pub compression: Option<Compression>,
+    pub auth: crate::identity::Policy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +184,7 @@ mod tests {
             upstream: 0,
             rewrite: Rewrite::None,
             compression: None,
+            auth: Default::default(),
         }
     }
 

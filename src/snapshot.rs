@@ -8,10 +8,20 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{GatewayConfig, ServerSettings};
+use crate::config::{GatewayConfig, ServerSettings, TierSpec};
 use crate::health::{BackendState, HealthBook};
+use crate::identity::issued::IssuedKeys;
+use crate::identity::IdentityConfig;
 use crate::route::Route;
+use crate::store::Store;
 use crate::upstream::Upstream;
+
+/// The Redis-backed parts a snapshot uses; they outlive snapshots (see `control`).
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub issued: Arc<IssuedKeys>,
+}
 
 pub struct Snapshot {
     /// Increases by one with every successful load (1 = the config the process started with).
@@ -22,6 +32,10 @@ pub struct Snapshot {
     pub upstreams: Vec<Upstream>,
     /// `server.keepalive_timeout` in whole seconds, as pingora wants it.
     pub keepalive_secs: u64,
+    pub tiers: Vec<TierSpec>,
+    pub identity: Arc<IdentityConfig>,
+    pub shared: Option<Shared>,
+    pub admin_token: Option<String>,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -29,20 +43,24 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 impl Snapshot {
     /// Build from a validated config, reusing the health state of backends already known to
     /// `book` and probing new ones once. Does not publish anything.
-    pub async fn build(config: GatewayConfig, generation: u64, book: &HealthBook) -> Self {
+    pub async fn build(
+        mut config: GatewayConfig,
+        generation: u64,
+        book: &HealthBook,
+        shared: Option<Shared>,
+    ) -> Self {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
-        for spec in config.upstreams {
+        for spec in std::mem::take(&mut config.upstreams) {
             let states = book.states_for(&spec).await;
             upstreams.push(Upstream::new(spec, states));
         }
-        Self::assemble(config.server, config.routes, upstreams, generation)
+        Self::assemble(config, upstreams, generation, shared)
     }
 
     /// A snapshot whose backends have not been probed yet (used only before the first
     /// health pass, while no listener is open).
-    pub fn unprobed(config: GatewayConfig) -> Self {
-        let upstreams = config
-            .upstreams
+    pub fn unprobed(mut config: GatewayConfig) -> Self {
+        let upstreams = std::mem::take(&mut config.upstreams)
             .into_iter()
             .map(|spec| {
                 let states = spec
@@ -53,23 +71,27 @@ impl Snapshot {
                 Upstream::new(spec, states)
             })
             .collect();
-        Self::assemble(config.server, config.routes, upstreams, 0)
+        Self::assemble(config, upstreams, 0, None)
     }
 
     fn assemble(
-        server: ServerSettings,
-        routes: Vec<Route>,
+        config: GatewayConfig,
         upstreams: Vec<Upstream>,
         generation: u64,
+        shared: Option<Shared>,
     ) -> Self {
-        let keepalive_secs = server.keepalive_timeout.as_secs().max(1);
+        let keepalive_secs = config.server.keepalive_timeout.as_secs().max(1);
         Self {
             generation,
             loaded_at: SystemTime::now(),
-            server,
-            routes,
+            server: config.server,
+            routes: config.routes,
             upstreams,
             keepalive_secs,
+            tiers: config.tiers,
+            identity: config.identity,
+            shared,
+            admin_token: config.admin_token,
         }
     }
 

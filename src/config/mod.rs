@@ -10,7 +10,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use validate::{GatewayConfig, ServerSettings};
+pub use validate::{GatewayConfig, ServerSettings, TierSpec};
 
 /// One problem in a config file, printed as `PATH:LINE:COLUMN: field.path: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,6 +12,18 @@ use serde::{Deserialize, Deserializer};
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub server: ServerSection,
+    /// Optional; without it the gateway is a single node (issued keys and shared limits off).
+    #[serde(default)]
+    pub redis: Option<RedisSection>,
+    /// Tier name -> policy. `anonymous`, `free`, `pro` and `enterprise` always exist.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, TierSection>,
+    #[serde(default)]
+    pub consumers: Vec<ConsumerSection>,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub admin: AdminSection,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
@@ -42,6 +54,161 @@ pub struct ServerSection {
     /// Accept HTTP/2 with prior knowledge (h2c) next to HTTP/1.1 on the same port.
     #[serde(default = "yes")]
     pub h2c: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://[user:pass@]host:port[/db]`
+    pub url: String,
+    /// Every Redis call is bounded by this.
+    #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Most Redis calls in flight at once; beyond it a call fails at once (as if Redis were down).
+    #[serde(default = "default_redis_pending")]
+    pub max_pending: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSection {
+    /// Requests allowed per `window`; absent = unlimited.
+    #[serde(default)]
+    pub limit: Option<i64>,
+    #[serde(default = "default_window", deserialize_with = "duration")]
+    pub window: Duration,
+    /// Extra requests allowed in a burst above the steady rate.
+    #[serde(default)]
+    pub burst: Option<i64>,
+}
+
+impl Default for TierSection {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            window: default_window(),
+            burst: None,
+        }
+    }
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            api_key: ApiKeySection::default(),
+            jwt: None,
+            key_cache_ttl: default_key_cache(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSection {
+    pub id: String,
+    #[serde(default = "default_tier")]
+    pub tier: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// `sha256:<64 hex digits>` (from `tollgate key new` / `tollgate key hash`); never plain keys.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub api_key: ApiKeySection,
+    #[serde(default)]
+    pub jwt: Option<JwtSection>,
+    /// Issued keys (admin API, stored in Redis): how long a node caches a lookup.
+    #[serde(default = "default_key_cache", deserialize_with = "duration")]
+    pub key_cache_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySection {
+    #[serde(default = "default_key_header")]
+    pub header: String,
+    /// Query parameter name, used only on routes with `allow_query_key: true`.
+    #[serde(default = "default_key_query")]
+    pub query_param: String,
+}
+
+impl Default for ApiKeySection {
+    fn default() -> Self {
+        Self {
+            header: default_key_header(),
+            query_param: default_key_query(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    /// The only algorithms accepted, whatever a token's header says.
+    pub algorithms: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<JwtKeySection>,
+    /// A JWKS document on disk (keys selected by `kid`); never fetched from a URL.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+    #[serde(default = "default_sub_claim")]
+    pub subject_claim: String,
+    #[serde(default = "default_tier_claim")]
+    pub tier_claim: String,
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    /// Tier for tokens without the tier claim.
+    #[serde(default = "default_tier")]
+    pub default_tier: String,
+}
+
+/// One verification key: exactly one of the sources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeySection {
+    /// Matched against a token's `kid`; tokens without `kid` try every key of their family.
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// PEM public key (RSA, EC or Ed25519); relative paths are relative to the config file.
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+    /// HMAC secret read from this environment variable.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Bearer token required on /admin/* (not /metrics). Prefer `token_env`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Credentials are ignored (not even checked); the caller is anonymous.
+    #[default]
+    None,
+    /// Valid credentials identify the caller; none = anonymous; invalid ones = 401.
+    Optional,
+    /// Valid credentials are needed.
+    Required,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,6 +340,14 @@ pub struct RouteSection {
     /// Response compression levels per algorithm; absent or 0 = off.
     #[serde(default)]
     pub compression: Option<CompressionSection>,
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// The caller needs at least one of these roles (implies authentication).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Accept the API key from the query parameter too (`auth.api_key.query_param`).
+    #[serde(default)]
+    pub allow_query_key: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -215,6 +390,40 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text)
         .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_redis_pending() -> i64 {
+    1024
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_tier() -> String {
+    "free".into()
+}
+fn default_key_cache() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_key_header() -> String {
+    "X-API-Key".into()
+}
+fn default_key_query() -> String {
+    "api_key".into()
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_sub_claim() -> String {
+    "sub".into()
+}
+fn default_tier_claim() -> String {
+    "tier".into()
+}
+fn default_roles_claim() -> String {
+    "roles".into()
 }
 
 fn default_threads() -> usize {

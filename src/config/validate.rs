@@ -8,12 +8,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
+use http::{HeaderName, Method};
 use regex::Regex;
 
 use super::schema::{self, BalanceSection, FileConfig};
 use super::Problem;
+use crate::identity::{self, jwt, keys, Consumer, IdentityConfig, Mode, Policy, BUILTIN_TIERS};
 use crate::route::{Compression, HostMatch, PathMatch, Rewrite, Route};
+use crate::store::StoreSpec;
 use crate::upstream::{
     BackendSpec, Balance, HashKey, HealthKind, HealthSpec, Timeouts, UpstreamSpec,
 };
@@ -24,6 +26,20 @@ pub struct GatewayConfig {
     pub server: ServerSettings,
     pub upstreams: Vec<UpstreamSpec>,
     pub routes: Vec<Route>,
+    pub redis: Option<StoreSpec>,
+    pub tiers: Vec<TierSpec>,
+    pub identity: Arc<IdentityConfig>,
+    /// Bearer token for /admin/* (resolved from `admin.token` or `admin.token_env`).
+    pub admin_token: Option<String>,
+}
+
+/// A tier's policy (limits are enforced by the rate limiter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierSpec {
+    pub name: Arc<str>,
+    pub limit: Option<u64>,
+    pub window: Duration,
+    pub burst: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,11 +115,19 @@ fn backend_addr(c: &mut Check, field: String, text: &str) -> Option<SocketAddr> 
 }
 
 pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig, Vec<Problem>> {
-    let _ = base_dir; // paths relative to the file arrive with later sections (keys, certificates)
     let mut c = Check {
         problems: Vec::new(),
     };
     let server = compile_server(&mut c, &file.server);
+    let redis = file.redis.as_ref().map(|r| compile_redis(&mut c, r));
+    let tiers = compile_tiers(&mut c, &file);
+    let tier_index: HashMap<String, usize> = tiers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.to_string(), i))
+        .collect();
+    let identity = compile_identity(&mut c, &file, &tier_index, &tiers, base_dir);
+    let admin_token = compile_admin(&mut c, &file.admin);
 
     let mut upstreams = Vec::with_capacity(file.upstreams.len());
     let mut upstream_index = HashMap::new();
@@ -134,7 +158,7 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
                 0
             }
         };
-        if let Some(route) = compile_route(&mut c, &at, section, upstream) {
+        if let Some(route) = compile_route(&mut c, &at, section, upstream, &file) {
             routes.push(route);
         }
     }
@@ -147,6 +171,10 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
             server,
             upstreams,
             routes,
+            redis,
+            tiers,
+            identity: Arc::new(identity),
+            admin_token,
         })
     } else {
         Err(c.problems)
@@ -307,11 +335,230 @@ fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> U
     }
 }
 
+fn compile_redis(c: &mut Check, r: &schema::RedisSection) -> StoreSpec {
+    if let Err(e) = redis::Client::open(r.url.as_str()) {
+        c.err("redis.url", format!("invalid Redis URL: {e}"));
+    }
+    c.positive("redis.timeout".into(), r.timeout);
+    StoreSpec {
+        url: r.url.clone(),
+        timeout: r.timeout,
+        max_pending: c.range("redis.max_pending".into(), r.max_pending, 1, 1_000_000),
+    }
+}
+
+fn compile_tiers(c: &mut Check, file: &FileConfig) -> Vec<TierSpec> {
+    let mut names: Vec<&str> = BUILTIN_TIERS.to_vec();
+    for name in file.tiers.keys() {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let at = format!("tiers.{name}");
+            if !jwt::valid_id(name) {
+                c.err(at.clone(), "tier names are visible ASCII without commas");
+            }
+            let section = file.tiers.get(name).cloned().unwrap_or_default();
+            let limit = section
+                .limit
+                .map(|l| c.range(format!("{at}.limit"), l, 1, 1_000_000_000) as u64);
+            c.positive(format!("{at}.window"), section.window);
+            if section.window > Duration::from_secs(86_400) {
+                c.err(format!("{at}.window"), "must be at most 24h");
+            }
+            let burst = section
+                .burst
+                .map(|b| c.range(format!("{at}.burst"), b, 0, 1_000_000_000) as u64)
+                .unwrap_or(0);
+            if burst > 0 && limit.is_none() {
+                c.err(format!("{at}.burst"), "a burst needs a limit");
+            }
+            TierSpec {
+                name: Arc::from(name),
+                limit,
+                window: section.window,
+                burst,
+            }
+        })
+        .collect()
+}
+
+fn tier_of(c: &mut Check, field: String, name: &str, index: &HashMap<String, usize>) -> usize {
+    match index.get(name) {
+        Some(&t) => t,
+        None => {
+            let mut known: Vec<&str> = index.keys().map(String::as_str).collect();
+            known.sort();
+            c.err(
+                field,
+                format!("unknown tier {name:?} (known: {})", known.join(", ")),
+            );
+            identity::ANONYMOUS
+        }
+    }
+}
+
+fn compile_identity(
+    c: &mut Check,
+    file: &FileConfig,
+    tier_index: &HashMap<String, usize>,
+    tiers: &[TierSpec],
+    base_dir: &Path,
+) -> IdentityConfig {
+    let mut keys = HashMap::new();
+    let mut ids = HashSet::new();
+    for (i, cs) in file.consumers.iter().enumerate() {
+        let at = format!("consumers[{i}]");
+        if !jwt::valid_id(&cs.id) {
+            c.err(
+                format!("{at}.id"),
+                "must be 1-256 visible ASCII characters without commas",
+            );
+        } else if !ids.insert(cs.id.as_str()) {
+            c.err(
+                format!("{at}.id"),
+                format!("duplicate consumer {:?}", cs.id),
+            );
+        }
+        let tier = tier_of(c, format!("{at}.tier"), &cs.tier, tier_index);
+        if tier == identity::ANONYMOUS && cs.tier == "anonymous" {
+            c.err(
+                format!("{at}.tier"),
+                "a consumer cannot be in the anonymous tier",
+            );
+        }
+        for (j, r) in cs.roles.iter().enumerate() {
+            if !jwt::valid_id(r) {
+                c.err(
+                    format!("{at}.roles[{j}]"),
+                    "roles are visible ASCII without commas",
+                );
+            }
+        }
+        let consumer = Arc::new(Consumer {
+            id: Arc::from(cs.id.as_str()),
+            tier,
+            roles: cs.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
+        });
+        for (j, k) in cs.api_keys.iter().enumerate() {
+            match keys::parse_hash(k) {
+                Ok(h) => {
+                    if keys.insert(h, consumer.clone()).is_some() {
+                        c.err(
+                            format!("{at}.api_keys[{j}]"),
+                            "this key hash is listed twice",
+                        );
+                    }
+                }
+                Err(e) => c.err(format!("{at}.api_keys[{j}]"), e),
+            }
+        }
+    }
+    let a = &file.auth;
+    let key_header = match HeaderName::from_bytes(a.api_key.header.as_bytes()) {
+        Ok(h) if !identity::is_identity_header(h.as_str()) && h != http::header::AUTHORIZATION => h,
+        _ => {
+            c.err(
+                "auth.api_key.header",
+                format!("invalid header name {:?}", a.api_key.header),
+            );
+            HeaderName::from_static("x-api-key")
+        }
+    };
+    if a.api_key.query_param.is_empty() || a.api_key.query_param.contains(['&', '=', ' ']) {
+        c.err("auth.api_key.query_param", "must be a plain parameter name");
+    }
+    c.positive("auth.key_cache_ttl".into(), a.key_cache_ttl);
+    let mut default_jwt_tier = tier_index.get("free").copied().unwrap_or(1);
+    let jwt = a.jwt.as_ref().and_then(|j| {
+        default_jwt_tier = tier_of(
+            c,
+            "auth.jwt.default_tier".into(),
+            &j.default_tier,
+            tier_index,
+        );
+        let mut pem_files = Vec::new();
+        let mut secrets = Vec::new();
+        for (i, k) in j.keys.iter().enumerate() {
+            match (&k.public_key_file, &k.secret_env) {
+                (Some(f), None) => pem_files.push((k.kid.clone(), f.clone())),
+                (None, Some(v)) => secrets.push((k.kid.clone(), v.clone())),
+                _ => c.err(
+                    format!("auth.jwt.keys[{i}]"),
+                    "set exactly one of public_key_file and secret_env",
+                ),
+            }
+        }
+        let settings = jwt::JwtSettings {
+            algorithms: &j.algorithms,
+            pem_files,
+            secrets,
+            jwks_file: j.jwks_file.clone(),
+            issuer: j.issuer.clone(),
+            audience: j.audience.clone(),
+            leeway: j.leeway,
+            subject_claim: j.subject_claim.clone(),
+            tier_claim: j.tier_claim.clone(),
+            roles_claim: j.roles_claim.clone(),
+        };
+        match jwt::JwtVerifier::new(settings, base_dir) {
+            Ok(v) => Some(v),
+            Err(errors) => {
+                for (field, message) in errors {
+                    c.err(format!("auth.jwt.{field}"), message);
+                }
+                None
+            }
+        }
+    });
+    IdentityConfig {
+        tiers: tiers.iter().map(|t| t.name.clone()).collect(),
+        tier_index: tier_index.clone(),
+        keys,
+        key_header,
+        key_query: a.api_key.query_param.clone(),
+        jwt,
+        default_jwt_tier,
+        key_cache_ttl: a.key_cache_ttl,
+    }
+}
+
+fn compile_admin(c: &mut Check, a: &schema::AdminSection) -> Option<String> {
+    let token = match (&a.token, &a.token_env) {
+        (Some(_), Some(_)) => {
+            c.err("admin", "set only one of token and token_env");
+            None
+        }
+        (Some(t), None) => Some(t.clone()),
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(t) => Some(t),
+            Err(_) => {
+                c.err(
+                    "admin.token_env",
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    if let Some(t) = &token {
+        if t.len() < 16 {
+            c.err("admin", "the admin token must be at least 16 characters");
+        }
+    }
+    token
+}
+
 fn compile_route(
     c: &mut Check,
     at: &str,
     r: &schema::RouteSection,
     upstream: usize,
+    file: &FileConfig,
 ) -> Option<Route> {
     let m = &r.matcher;
     let hosts = m
@@ -434,8 +681,43 @@ fn compile_route(
         };
         (z.gzip + z.brotli + z.zstd > 0).then_some(z)
     });
+    for (i, role) in r.roles.iter().enumerate() {
+        if !jwt::valid_id(role) {
+            c.err(
+                format!("{at}.roles[{i}]"),
+                "roles are visible ASCII without commas",
+            );
+        }
+    }
+    let mode = match r.auth {
+        schema::AuthMode::None => Mode::None,
+        schema::AuthMode::Optional => Mode::Optional,
+        schema::AuthMode::Required => Mode::Required,
+    };
+    if mode == Mode::None && !r.roles.is_empty() {
+        c.err(
+            format!("{at}.roles"),
+            "roles need `auth: required` (or optional)",
+        );
+    }
+    if mode != Mode::None
+        && file.consumers.is_empty()
+        && file.auth.jwt.is_none()
+        && file.redis.is_none()
+    {
+        c.err(
+            format!("{at}.auth"),
+            "no credential can ever be valid: configure consumers, auth.jwt or redis (issued keys)",
+        );
+    }
+    let auth = Policy {
+        mode,
+        roles: r.roles.iter().map(|s| Arc::from(s.as_str())).collect(),
+        allow_query_key: r.allow_query_key,
+    };
     Some(Route {
         name: Arc::from(r.name.as_str()),
+        auth,
         hosts,
         path,
         methods,
