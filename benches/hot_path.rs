@@ -85,5 +85,62 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+fn identity_bench(c: &mut Criterion) {
+    use futures_util::FutureExt;
+    use tollgate::identity::{self, keys, Mode, Policy};
+    let root = env!("CARGO_MANIFEST_DIR");
+    let key = "tg_bench_key_0000000000000000000000000000";
+    std::env::set_var("TOLLGATE_BENCH_SECRET", "0123456789abcdef0123456789abcdef");
+    let text = format!(
+        "server:\n  listen: [\"127.0.0.1:8080\"]\nconsumers:\n  - {{ id: alice, tier: pro, api_keys: [\"{}\"] }}\nauth:\n  jwt:\n    algorithms: [RS256, HS256]\n    keys: [{{ kid: r, public_key_file: \"{root}/tests/fixtures/jwt/rsa.pub\" }}, {{ kid: h, secret_env: TOLLGATE_BENCH_SECRET }}]\nupstreams:\n  u:\n    backends: [{{ addr: \"127.0.0.1:1\" }}]\nroutes:\n  - {{ name: r, upstream: u, auth: required }}\n",
+        keys::format_hash(&keys::hash(key))
+    );
+    let cfg = config::load_str(Path::new("bench.yaml"), &text).expect("bench config");
+    let policy = Policy {
+        mode: Mode::Required,
+        roles: vec![],
+        allow_query_key: false,
+    };
+    let mut with_key = http::HeaderMap::new();
+    with_key.insert("x-api-key", http::HeaderValue::from_static(key));
+    c.bench_function("identity/yaml_key", |b| {
+        b.iter(|| {
+            identity::authenticate(&cfg.identity, None, &policy, black_box(&with_key), None)
+                .now_or_never()
+                .expect("no await on this path")
+        })
+    });
+    let claims = serde_json::json!({"sub": "carol", "tier": "pro", "exp": 4_000_000_000u64});
+    let rsa = jsonwebtoken::EncodingKey::from_rsa_pem(
+        &std::fs::read(format!("{root}/tests/fixtures/jwt/rsa.key")).expect("key"),
+    )
+    .expect("pem");
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some("r".into());
+    let rs = jsonwebtoken::encode(&h, &claims, &rsa).expect("sign");
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some("h".into());
+    let hs = jsonwebtoken::encode(
+        &h,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+    )
+    .expect("sign");
+    for (name, token) in [("identity/jwt_rs256", rs), ("identity/jwt_hs256", hs)] {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "authorization",
+            http::HeaderValue::from_str(&format!("Bearer {token}")).expect("value"),
+        );
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                identity::authenticate(&cfg.identity, None, &policy, black_box(&headers), None)
+                    .now_or_never()
+                    .expect("no await on this path")
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench, identity_bench);
 criterion_main!(benches);

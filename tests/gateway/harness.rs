@@ -17,6 +17,9 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use tokio::sync::oneshot;
 
+/// The admin token the harness always presents (tests that configure `admin.token` use it).
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+
 /// A port that was free a moment ago (bound to 0, then released).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -213,6 +216,110 @@ impl Drop for MockUpstream {
     }
 }
 
+/// A private `redis-server` on a free port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (install it, or run scripts/test.sh)");
+        let r = Self { port, child };
+        r.wait_ping().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn ping(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if s.write_all(b"PING\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    async fn wait_ping(&self) {
+        eventually(
+            Duration::from_secs(10),
+            "redis-server answering PING",
+            || async { self.ping().await.then_some(()) },
+        )
+        .await;
+    }
+
+    /// SIGSTOP: Redis hangs (accepts nothing, answers nothing).
+    pub fn pause(&self) {
+        signal_pid(self.child.id(), "STOP");
+    }
+
+    pub fn resume(&self) {
+        signal_pid(self.child.id(), "CONT");
+    }
+
+    /// Kill it (connections refused), keeping the port for `restart`.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn restart(&mut self) {
+        self.child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.wait_ping().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        signal_pid(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal_pid(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
 /// A running `tollgate` process with its own temp dir, config and free ports.
 pub struct Gateway {
     pub dir: tempfile::TempDir,
@@ -306,7 +413,12 @@ impl Gateway {
     }
 
     pub async fn status(&self) -> Option<serde_json::Value> {
-        let r = http().get(self.admin("/admin/status")).send().await.ok()?;
+        let r = http()
+            .get(self.admin("/admin/status"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .ok()?;
         r.json().await.ok()
     }
 

@@ -6,6 +6,7 @@ mod harness;
 mod balancing;
 mod health;
 mod hygiene;
+mod identity;
 mod lifecycle;
 mod reload;
 mod routing;
