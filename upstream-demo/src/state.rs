@@ -1,0 +1,23 @@
+//! What every handler shares: the config, both database pools, the Redis connection, the JWT
+//! signing key and the start time. Built once in `main`, cloned cheaply per request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use redis::aio::ConnectionManager;
+
+use crate::auth::TokenSigner;
+use crate::config::Config;
+use crate::db::Db;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    /// Multiplexed, reconnecting connection for request handlers. Never used for blocking
+    /// commands (the event worker has its own connection for those).
+    pub redis: ConnectionManager,
+    pub signer: Arc<TokenSigner>,
+    pub started: Instant,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
