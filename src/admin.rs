@@ -46,6 +46,12 @@ impl Admin {
             "config_generation": snap.generation,
             "last_reload": self.control.last_reload(),
             "health_probes": self.control.book.probe_count(),
+            "rate_limit": {
+                "mode": format!("{:?}", snap.limits.mode).to_lowercase(),
+                "on_failure": format!("{:?}", snap.limits.on_failure).to_lowercase(),
+                "fallback": self.control.limiter.in_fallback(),
+                "nodes": self.control.limiter.nodes.count(),
+            },
             "redis": snap.shared.as_ref().map(|s| json!({
                 "url": s.store.display_url(),
                 "up": s.store.is_up(),
@@ -72,6 +78,36 @@ impl Admin {
             })
             .collect();
         json!({ "upstreams": list })
+    }
+
+    fn limits(&self) -> serde_json::Value {
+        let snap = self.control.current.load();
+        let tiers: Vec<_> = snap
+            .tiers
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": &*t.name,
+                    "limit": t.limit,
+                    "window_seconds": t.window.as_secs_f64(),
+                    "burst": (t.burst > 0).then_some(t.burst),
+                    "algorithm": match (t.limit, t.burst) {
+                        (None, _) => "unlimited",
+                        (Some(_), 0) => "sliding_window",
+                        _ => "gcra",
+                    },
+                })
+            })
+            .collect();
+        json!({
+            "mode": format!("{:?}", snap.limits.mode).to_lowercase(),
+            "on_failure": format!("{:?}", snap.limits.on_failure).to_lowercase(),
+            "sync_interval_ms": snap.limits.sync_interval.as_millis() as u64,
+            "fallback": self.control.limiter.in_fallback(),
+            "nodes": self.control.limiter.nodes.count(),
+            "local_keys": self.control.limiter.local.len(),
+            "tiers": tiers,
+        })
     }
 
     fn routes(&self) -> serde_json::Value {
@@ -253,6 +289,7 @@ impl ServeHttp for Admin {
             (Method::GET, "/admin/status") => json_response(200, self.status()),
             (Method::GET, "/admin/upstreams") => json_response(200, self.upstreams()),
             (Method::GET, "/admin/routes") => json_response(200, self.routes()),
+            (Method::GET, "/admin/limits") => json_response(200, self.limits()),
             (Method::POST, "/admin/reload") => match self.control.request_reload().await {
                 Some(outcome) => {
                     let status = if outcome.ok { 200 } else { 422 };

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{self, ConfigError, GatewayConfig};
 use crate::health::HealthBook;
 use crate::identity::issued::IssuedKeys;
+use crate::limit::Limiter;
 use crate::metrics;
 use crate::snapshot::{Shared, SharedSnapshot, Snapshot};
 use crate::store::{Store, StoreSpec};
@@ -48,6 +49,8 @@ pub struct Control {
     /// then carry `Connection: close`, so clients leave this process's keep-alive connections
     /// after their current request instead of racing its exit on an idle one.
     pub draining: Arc<AtomicBool>,
+    /// Rate-limit state (outlives snapshots).
+    pub limiter: Arc<Limiter>,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
     redis: Mutex<Option<RedisHandle>>,
@@ -67,6 +70,7 @@ impl Control {
             started_at: SystemTime::now(),
             early_hup,
             draining: Arc::new(AtomicBool::new(false)),
+            limiter: Arc::new(Limiter::default()),
             phases: Mutex::new(None),
             initial: Mutex::new(Some(config)),
             redis: Mutex::new(None),
@@ -107,7 +111,13 @@ impl Control {
                     let store = Arc::new(store);
                     let issued = Arc::new(IssuedKeys::new(store.clone()));
                     let (stop, stopped) = watch::channel(false);
-                    tokio::spawn(issued.clone().follow_revocations(stopped));
+                    tokio::spawn(issued.clone().follow_revocations(stopped.clone()));
+                    tokio::spawn(limiter_tasks(
+                        self.limiter.clone(),
+                        store.clone(),
+                        self.current.clone(),
+                        stopped,
+                    ));
                     let shared = Shared { store, issued };
                     *current = Some(RedisHandle {
                         spec: s.clone(),
@@ -136,6 +146,10 @@ impl Control {
             let snapshot = Snapshot::build(config, 1, &self.book, shared).await;
             snapshot.commit_health(&self.book);
             metrics::CONFIG_GENERATION.set(1);
+            self.limiter.nodes.live.store(
+                snapshot.limits.assume_nodes,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             self.current.store(Arc::new(snapshot));
             log::info!("config generation 1 loaded from {}", self.path.display());
         }
@@ -202,6 +216,40 @@ impl Control {
         };
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
         outcome
+    }
+}
+
+/// The limiter's Redis chores while a Redis spec is in use: the node heartbeat (every second)
+/// and, in batched mode, the delta sync (every `rate_limit.sync_interval`).
+async fn limiter_tasks(
+    limiter: Arc<Limiter>,
+    store: Arc<Store>,
+    current: SharedSnapshot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let beat = Duration::from_secs(1);
+    let mut next_beat = tokio::time::Instant::now();
+    loop {
+        let settings = current.load().limits.clone();
+        let now = tokio::time::Instant::now();
+        if now >= next_beat {
+            let _ = limiter.nodes.heartbeat(&store, beat).await;
+            next_beat = now + beat;
+        }
+        let wait = if settings.mode == crate::limit::Mode::Batched {
+            let now_ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let _ = limiter.batched.sync(&store, now_ms).await;
+            settings.sync_interval
+        } else {
+            next_beat.saturating_duration_since(tokio::time::Instant::now())
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait.min(beat)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -25,6 +25,10 @@ pub enum GatewayError {
     Internal,
     /// Authentication or authorisation refused the request (401, 403 or 503).
     Auth(AuthError),
+    /// Over the rate limit; retry after this many seconds.
+    RateLimited { retry_after: u32 },
+    /// Redis failed and `rate_limit.on_failure: deny`.
+    LimiterUnavailable,
 }
 
 impl GatewayError {
@@ -39,6 +43,8 @@ impl GatewayError {
             Self::Auth(AuthError::Forbidden) => 403,
             Self::Auth(AuthError::Unavailable) => 503,
             Self::Auth(_) => 401,
+            Self::RateLimited { .. } => 429,
+            Self::LimiterUnavailable => 503,
         }
     }
 
@@ -51,6 +57,8 @@ impl GatewayError {
             Self::BadRequest => "bad_request",
             Self::Internal => "internal_error",
             Self::Auth(e) => e.reason(),
+            Self::RateLimited { .. } => "rate_limited",
+            Self::LimiterUnavailable => "rate_limiter_unavailable",
         }
     }
 
@@ -72,6 +80,10 @@ impl GatewayError {
             Self::Auth(AuthError::Unavailable) => {
                 "the credential cannot be checked right now; retry shortly"
             }
+            Self::RateLimited { .. } => {
+                "rate limit exceeded; retry after the given number of seconds"
+            }
+            Self::LimiterUnavailable => "the rate limiter is unavailable; retry shortly",
         }
     }
 
@@ -93,7 +105,8 @@ impl GatewayError {
     pub fn retry_after(self) -> Option<u32> {
         match self {
             Self::NoHealthyBackend => Some(5),
-            Self::Auth(AuthError::Unavailable) => Some(1),
+            Self::Auth(AuthError::Unavailable) | Self::LimiterUnavailable => Some(1),
+            Self::RateLimited { retry_after } => Some(retry_after),
             _ => None,
         }
     }
@@ -117,11 +130,14 @@ impl GatewayError {
     }
 
     pub fn body(self, request_id: &str) -> Bytes {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": self.code(),
             "message": self.message(),
             "request_id": request_id,
         });
+        if let Self::RateLimited { retry_after } = self {
+            body["retry_after"] = retry_after.into();
+        }
         Bytes::from(body.to_string())
     }
 }
@@ -134,10 +150,24 @@ pub async fn respond(
     request_id: &str,
     close: bool,
 ) -> pingora_error::Result<()> {
+    respond_with(session, err, request_id, close, &[]).await
+}
+
+/// `respond` with extra headers (rate-limit fields on a 429).
+pub async fn respond_with(
+    session: &mut Session,
+    err: GatewayError,
+    request_id: &str,
+    close: bool,
+    extra: &[(&'static str, String)],
+) -> pingora_error::Result<()> {
     let body = err.body(request_id);
     let mut header = ResponseHeader::build(err.status(), Some(4))?;
     header.insert_header("Content-Type", "application/json")?;
     header.insert_header("Content-Length", body.len())?;
+    for (name, value) in extra {
+        header.insert_header(*name, value.as_str())?;
+    }
     if let Some(secs) = err.retry_after() {
         header.insert_header("Retry-After", secs)?;
     }

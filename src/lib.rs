@@ -7,6 +7,7 @@ pub mod control;
 pub mod error;
 pub mod health;
 pub mod identity;
+pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

@@ -171,6 +171,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         Gateway {
             current: control.current.clone(),
             draining: control.draining.clone(),
+            limiter: control.limiter.clone(),
         },
         "tollgate proxy",
     );

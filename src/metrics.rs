@@ -96,6 +96,23 @@ pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("static metric definition")
 });
 
+pub static RATE_LIMIT_DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_ratelimit_decisions_total",
+        "Rate-limit decisions by tier and result (allowed | limited | unavailable)",
+        &["tier", "result"]
+    )
+    .expect("static metric definition")
+});
+
+pub static RATE_LIMIT_FALLBACK: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_ratelimit_fallback",
+        "1 while Redis is unavailable and the on_failure policy decides"
+    )
+    .expect("static metric definition")
+});
+
 /// `200` -> `"2xx"`, without allocating.
 pub fn status_class(status: u16) -> &'static str {
     match status {

@@ -33,6 +33,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::error::{self, GatewayError};
 use crate::identity::{self, Identity};
+use crate::limit::{self, Limiter};
 use crate::metrics;
 use crate::route;
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -43,6 +44,7 @@ const MAX_ATTEMPTS: usize = 10;
 
 pub struct Gateway {
     pub current: SharedSnapshot,
+    pub limiter: Arc<Limiter>,
     /// True while handing over to a new process or shutting down (see `control`).
     pub draining: Arc<AtomicBool>,
 }
@@ -57,6 +59,7 @@ pub struct Ctx {
     error: Option<GatewayError>,
     /// `None` = anonymous (no credential was needed or given).
     identity: Option<Identity>,
+    limit: limit::Outcome,
 }
 
 impl Ctx {
@@ -187,6 +190,37 @@ impl Gateway {
                 }
             }
         }
+        if route.limit.enabled {
+            let req = session.req_header();
+            let store = snapshot.shared.as_ref().map(|s| &*s.store);
+            let client_ip = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            ctx.limit = self
+                .limiter
+                .check(
+                    &snapshot.limits,
+                    store,
+                    &route.limit,
+                    &route.name,
+                    &snapshot.identity.tiers,
+                    ctx.identity.as_ref(),
+                    client_ip,
+                    &req.headers,
+                )
+                .await;
+            match ctx.limit {
+                limit::Outcome::Decided { decision, .. } if !decision.allowed => {
+                    let secs = limit::ceil_secs(decision.retry_after_ms);
+                    return Err(GatewayError::RateLimited {
+                        retry_after: u32::try_from(secs).unwrap_or(u32::MAX),
+                    });
+                }
+                limit::Outcome::Unavailable => return Err(GatewayError::LimiterUnavailable),
+                _ => {}
+            }
+        }
         if !snapshot.upstreams[route.upstream].any_healthy() {
             return Err(GatewayError::NoHealthyBackend);
         }
@@ -207,6 +241,7 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             error: None,
             identity: None,
+            limit: limit::Outcome::Unlimited,
         }
     }
 
@@ -250,7 +285,10 @@ impl ProxyHttp for Gateway {
                 // Answered here, before any body is read: close unless there is no body.
                 ctx.error = Some(err);
                 let close = !session.is_body_empty();
-                error::respond(session, err, "", close).await?;
+                let mut extra = limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers);
+                // Retry-After comes from the error itself.
+                extra.retain(|(name, _)| *name != "Retry-After");
+                error::respond_with(session, err, "", close, &extra).await?;
                 Ok(true)
             }
         }
@@ -409,11 +447,14 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
         let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
             && session.is_upgrade_req();
         clean_response(upstream_response, upgraded);
+        for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
+            upstream_response.insert_header(name, value)?;
+        }
         Ok(())
     }
 

@@ -91,6 +91,7 @@ pub struct Route {
     /// Compression levels (gzip, brotli, zstd); `None` = leave responses as they are.
     pub compression: Option<Compression>,
     pub auth: crate::identity::Policy,
+    pub limit: crate::limit::RoutePolicy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +186,12 @@ mod tests {
             rewrite: Rewrite::None,
             compression: None,
             auth: Default::default(),
+            limit: crate::limit::RoutePolicy {
+                enabled: false,
+                key: crate::limit::KeyKind::Consumer,
+                scope: Arc::from("t"),
+                per_tier: Arc::from([]),
+            },
         }
     }
 

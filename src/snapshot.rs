@@ -36,6 +36,7 @@ pub struct Snapshot {
     pub identity: Arc<IdentityConfig>,
     pub shared: Option<Shared>,
     pub admin_token: Option<String>,
+    pub limits: crate::limit::Settings,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -92,6 +93,7 @@ impl Snapshot {
             identity: config.identity,
             shared,
             admin_token: config.admin_token,
+            limits: config.limits,
         }
     }
 

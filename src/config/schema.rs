@@ -25,6 +25,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admin: AdminSection,
     #[serde(default)]
+    pub rate_limit: RateLimitSection,
+    #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
@@ -348,6 +350,67 @@ pub struct RouteSection {
     /// Accept the API key from the query parameter too (`auth.api_key.query_param`).
     #[serde(default)]
     pub allow_query_key: bool,
+    #[serde(default)]
+    pub rate_limit: Option<RouteLimitSection>,
+}
+
+/// Global rate-limit settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    /// `exact` | `batched` | `local`; default: exact with Redis, local without.
+    #[serde(default)]
+    pub mode: Option<LimitMode>,
+    /// Batched mode: how often deltas are reported to Redis.
+    #[serde(default = "default_sync", deserialize_with = "duration")]
+    pub sync_interval: Duration,
+    #[serde(default)]
+    pub on_failure: OnFailureSection,
+    /// Nodes to assume sharing the limits until the heartbeat has counted them.
+    #[serde(default = "one")]
+    pub assume_nodes: i64,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            sync_interval: default_sync(),
+            on_failure: OnFailureSection::default(),
+            assume_nodes: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitMode {
+    Exact,
+    Batched,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailureSection {
+    #[default]
+    Local,
+    Allow,
+    Deny,
+}
+
+/// A route's rate-limit settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteLimitSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `consumer` (default) | `ip` | `header:NAME` | `route_consumer`.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Per-tier limits for this route only (counted separately from the tier-wide limits).
+    #[serde(default)]
+    pub limits: BTreeMap<String, TierSection>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -424,6 +487,10 @@ fn default_tier_claim() -> String {
 }
 fn default_roles_claim() -> String {
     "roles".into()
+}
+
+fn default_sync() -> Duration {
+    Duration::from_millis(100)
 }
 
 fn default_threads() -> usize {

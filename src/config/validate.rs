@@ -14,6 +14,7 @@ use regex::Regex;
 use super::schema::{self, BalanceSection, FileConfig};
 use super::Problem;
 use crate::identity::{self, jwt, keys, Consumer, IdentityConfig, Mode, Policy, BUILTIN_TIERS};
+use crate::limit::{self, Algo, KeyKind, RoutePolicy};
 use crate::route::{Compression, HostMatch, PathMatch, Rewrite, Route};
 use crate::store::StoreSpec;
 use crate::upstream::{
@@ -31,6 +32,7 @@ pub struct GatewayConfig {
     pub identity: Arc<IdentityConfig>,
     /// Bearer token for /admin/* (resolved from `admin.token` or `admin.token_env`).
     pub admin_token: Option<String>,
+    pub limits: limit::Settings,
 }
 
 /// A tier's policy (limits are enforced by the rate limiter).
@@ -128,6 +130,8 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
         .collect();
     let identity = compile_identity(&mut c, &file, &tier_index, &tiers, base_dir);
     let admin_token = compile_admin(&mut c, &file.admin);
+    let limits = compile_limits(&mut c, &file);
+    let tier_algos: Vec<Option<Algo>> = tiers.iter().map(tier_algo).collect();
 
     let mut upstreams = Vec::with_capacity(file.upstreams.len());
     let mut upstream_index = HashMap::new();
@@ -158,7 +162,9 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
                 0
             }
         };
-        if let Some(route) = compile_route(&mut c, &at, section, upstream, &file) {
+        if let Some(mut route) = compile_route(&mut c, &at, section, upstream, &file) {
+            route.limit =
+                compile_route_limit(&mut c, &at, section, &tier_algos, &tier_index, tiers.len());
             routes.push(route);
         }
     }
@@ -175,6 +181,7 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
             tiers,
             identity: Arc::new(identity),
             admin_token,
+            limits,
         })
     } else {
         Err(c.problems)
@@ -384,6 +391,120 @@ fn compile_tiers(c: &mut Check, file: &FileConfig) -> Vec<TierSpec> {
             }
         })
         .collect()
+}
+
+fn tier_algo(t: &TierSpec) -> Option<Algo> {
+    let limit = t.limit?;
+    let window_ms = t.window.as_millis().max(1) as u64;
+    Some(if t.burst > 0 {
+        Algo::Gcra {
+            limit,
+            window_ms,
+            burst: t.burst,
+        }
+    } else {
+        Algo::SlidingWindow { limit, window_ms }
+    })
+}
+
+fn compile_limits(c: &mut Check, file: &FileConfig) -> limit::Settings {
+    let r = &file.rate_limit;
+    let mode = match (r.mode, file.redis.is_some()) {
+        (Some(schema::LimitMode::Local), _) | (None, false) => limit::Mode::Local,
+        (Some(schema::LimitMode::Exact), true) | (None, true) => limit::Mode::Exact,
+        (Some(schema::LimitMode::Batched), true) => limit::Mode::Batched,
+        (Some(_), false) => {
+            c.err(
+                "rate_limit.mode",
+                "exact and batched modes need a `redis:` section",
+            );
+            limit::Mode::Local
+        }
+    };
+    if r.sync_interval < Duration::from_millis(10) || r.sync_interval > Duration::from_secs(10) {
+        c.err("rate_limit.sync_interval", "must be between 10ms and 10s");
+    }
+    limit::Settings {
+        mode,
+        sync_interval: r.sync_interval,
+        on_failure: match r.on_failure {
+            schema::OnFailureSection::Local => limit::OnFailure::Local,
+            schema::OnFailureSection::Allow => limit::OnFailure::Allow,
+            schema::OnFailureSection::Deny => limit::OnFailure::Deny,
+        },
+        assume_nodes: c.range("rate_limit.assume_nodes".into(), r.assume_nodes, 1, 1000),
+    }
+}
+
+fn compile_route_limit(
+    c: &mut Check,
+    at: &str,
+    r: &schema::RouteSection,
+    tier_algos: &[Option<Algo>],
+    tier_index: &HashMap<String, usize>,
+    tier_count: usize,
+) -> RoutePolicy {
+    let tiers_wide = RoutePolicy {
+        enabled: true,
+        key: KeyKind::Consumer,
+        scope: Arc::from("t"),
+        per_tier: Arc::from(tier_algos),
+    };
+    let Some(rl) = &r.rate_limit else {
+        return tiers_wide;
+    };
+    let key = match rl.key.as_deref() {
+        None | Some("consumer") => KeyKind::Consumer,
+        Some("ip") => KeyKind::Ip,
+        Some("route_consumer") => KeyKind::RouteConsumer,
+        Some(other) => match other
+            .strip_prefix("header:")
+            .map(|h| HeaderName::from_bytes(h.trim().as_bytes()))
+        {
+            Some(Ok(h)) => KeyKind::Header(h),
+            _ => {
+                c.err(
+                    format!("{at}.rate_limit.key"),
+                    format!("unknown key {other:?}: expected consumer, ip, header:NAME or route_consumer"),
+                );
+                KeyKind::Consumer
+            }
+        },
+    };
+    let mut per_tier: Vec<Option<Algo>> = tier_algos.to_vec();
+    per_tier.resize(tier_count, None);
+    let scope: Arc<str> = if rl.limits.is_empty() {
+        Arc::from("t")
+    } else {
+        Arc::from(format!("r:{}", r.name).as_str())
+    };
+    for (name, section) in &rl.limits {
+        let field = format!("{at}.rate_limit.limits.{name}");
+        let Some(&t) = tier_index.get(name) else {
+            c.err(field, format!("unknown tier {name:?}"));
+            continue;
+        };
+        let limit = section
+            .limit
+            .map(|l| c.range(format!("{field}.limit"), l, 1, 1_000_000_000) as u64);
+        c.positive(format!("{field}.window"), section.window);
+        let burst = section
+            .burst
+            .map(|b| c.range(format!("{field}.burst"), b, 0, 1_000_000_000) as u64)
+            .unwrap_or(0);
+        per_tier[t] = tier_algo(&TierSpec {
+            name: Arc::from(name.as_str()),
+            limit,
+            window: section.window,
+            burst,
+        });
+    }
+    RoutePolicy {
+        enabled: rl.enabled,
+        key,
+        scope,
+        per_tier: Arc::from(per_tier),
+    }
 }
 
 fn tier_of(c: &mut Check, field: String, name: &str, index: &HashMap<String, usize>) -> usize {
@@ -717,6 +838,12 @@ fn compile_route(
     };
     Some(Route {
         name: Arc::from(r.name.as_str()),
+        limit: RoutePolicy {
+            enabled: false,
+            key: KeyKind::Consumer,
+            scope: Arc::from("t"),
+            per_tier: Arc::from([]),
+        },
         auth,
         hosts,
         path,

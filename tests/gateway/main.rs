@@ -8,5 +8,6 @@ mod health;
 mod hygiene;
 mod identity;
 mod lifecycle;
+mod ratelimit;
 mod reload;
 mod routing;

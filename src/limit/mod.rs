@@ -1,0 +1,346 @@
+//! Rate limiting per tier. Owns the policy of a request (the caller's tier, the route's
+//! overrides, the limit key), the decision in the configured mode — `exact` (one atomic Redis
+//! script per request), `batched` (local decisions, deltas synced in the background), `local`
+//! (in-process) — and the fallback when Redis fails (`on_failure: local | allow | deny`, local
+//! limits divided by the live node count). It returns a decision and the header values; it
+//! never answers the client itself. State lives outside snapshots, keyed by (scope, tier,
+//! window, key), so a reload keeps the counters of unchanged policies.
+
+pub mod algo;
+pub mod local;
+pub mod shared;
+
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderName;
+
+pub use algo::{Algo, Decision};
+
+use crate::identity::{Identity, TierId};
+use crate::metrics;
+use crate::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Exact,
+    Batched,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    Local,
+    Allow,
+    Deny,
+}
+
+/// The global settings (`rate_limit:` at the top of the file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: Mode,
+    pub sync_interval: Duration,
+    pub on_failure: OnFailure,
+    pub assume_nodes: usize,
+}
+
+/// What the limit is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// The consumer id; anonymous callers by client IP.
+    Consumer,
+    Ip,
+    /// A request header's value (absent: the client IP).
+    Header(HeaderName),
+    /// The consumer (or client IP) per route: counters are not shared with other routes.
+    RouteConsumer,
+}
+
+/// A route's compiled policy.
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    pub enabled: bool,
+    pub key: KeyKind,
+    /// Counter namespace: `t` for the shared tier limits, `r:<route>` for route overrides.
+    pub scope: Arc<str>,
+    /// Per tier index: the limit, or `None` for unlimited.
+    pub per_tier: Arc<[Option<Algo>]>,
+}
+
+/// The outcome for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// No limit applies (disabled, or an unlimited tier).
+    Unlimited,
+    /// A decision; `limit`/`window_s` describe the policy for the headers.
+    Decided {
+        decision: Decision,
+        limit: u64,
+        window_s: u64,
+        tier: TierId,
+    },
+    /// Redis failed and `on_failure: deny`.
+    Unavailable,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The limiter: in-process state and Redis helpers, shared by every snapshot.
+pub struct Limiter {
+    pub local: local::LocalLimiter,
+    pub batched: shared::Batched,
+    pub nodes: shared::Nodes,
+    fallback: AtomicBool,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self {
+            local: local::LocalLimiter::default(),
+            batched: shared::Batched::default(),
+            nodes: shared::Nodes::new(1),
+            fallback: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Hash of everything that identifies a counter.
+fn counter_hash(scope: &str, tier: &str, algo: &Algo, key: &KeyBytes<'_>) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    scope.hash(&mut h);
+    tier.hash(&mut h);
+    window_of(algo).hash(&mut h);
+    matches!(algo, Algo::Gcra { .. }).hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
+}
+
+fn window_of(algo: &Algo) -> u64 {
+    match algo {
+        Algo::SlidingWindow { window_ms, .. } | Algo::Gcra { window_ms, .. } => *window_ms,
+    }
+}
+
+fn limit_of(algo: &Algo) -> u64 {
+    match algo {
+        Algo::SlidingWindow { limit, .. } => *limit,
+        Algo::Gcra { burst, .. } => *burst,
+    }
+}
+
+/// The caller's key, borrowed where possible.
+#[derive(Hash)]
+enum KeyBytes<'a> {
+    Text(&'a str),
+    Bytes(&'a [u8]),
+    Ip(IpAddr),
+}
+
+impl KeyBytes<'_> {
+    fn render(&self) -> String {
+        match self {
+            Self::Text(t) => (*t).to_string(),
+            Self::Bytes(b) => hex::encode(b),
+            Self::Ip(ip) => ip.to_string(),
+        }
+    }
+}
+
+/// Divide a limit among `nodes` (never below 1).
+fn share(algo: Algo, nodes: usize) -> Algo {
+    let n = nodes.max(1) as u64;
+    match algo {
+        Algo::SlidingWindow { limit, window_ms } => Algo::SlidingWindow {
+            limit: (limit / n).max(1),
+            window_ms,
+        },
+        Algo::Gcra {
+            limit,
+            window_ms,
+            burst,
+        } => Algo::Gcra {
+            limit: (limit / n).max(1),
+            window_ms,
+            burst: (burst / n).max(1),
+        },
+    }
+}
+
+impl Limiter {
+    pub fn in_fallback(&self) -> bool {
+        self.fallback.load(Ordering::Relaxed)
+    }
+
+    fn set_fallback(&self, on: bool) {
+        if self.fallback.swap(on, Ordering::Relaxed) != on {
+            metrics::RATE_LIMIT_FALLBACK.set(i64::from(on));
+            if on {
+                log::error!(
+                    "rate limiting: Redis unavailable, falling back to the on_failure policy"
+                );
+            } else {
+                log::warn!("rate limiting: back to shared counting in Redis");
+            }
+        }
+    }
+
+    /// Decide one request.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn check(
+        &self,
+        settings: &Settings,
+        store: Option<&Store>,
+        route: &RoutePolicy,
+        route_name: &str,
+        tier_names: &[Arc<str>],
+        identity: Option<&Identity>,
+        client_ip: Option<IpAddr>,
+        headers: &http::HeaderMap,
+    ) -> Outcome {
+        if !route.enabled {
+            return Outcome::Unlimited;
+        }
+        let tier = identity.map_or(crate::identity::ANONYMOUS, |i| i.tier);
+        let Some(Some(algo)) = route.per_tier.get(tier).copied() else {
+            return Outcome::Unlimited;
+        };
+        let tier_name: &str = tier_names.get(tier).map_or("", |t| t);
+        let ip = client_ip.map_or(KeyBytes::Text("-"), KeyBytes::Ip);
+        let consumer = || match identity.and_then(|i| i.consumer.as_deref()) {
+            Some(c) => KeyBytes::Text(c),
+            None => client_ip.map_or(KeyBytes::Text("-"), KeyBytes::Ip),
+        };
+        let key = match &route.key {
+            KeyKind::Consumer | KeyKind::RouteConsumer => consumer(),
+            KeyKind::Ip => ip,
+            KeyKind::Header(name) => match headers.get(name) {
+                Some(v) => KeyBytes::Bytes(v.as_bytes()),
+                None => ip,
+            },
+        };
+        let scope: &str = match route.key {
+            KeyKind::RouteConsumer => route_name,
+            _ => &route.scope,
+        };
+        let hash = counter_hash(scope, tier_name, &algo, &key);
+        let redis_key = || {
+            format!(
+                "tollgate:rl:{{{scope}:{tier_name}:{}:{}}}",
+                window_of(&algo),
+                key.render()
+            )
+        };
+        let now = now_ms();
+        let decision = match (settings.mode, store) {
+            (Mode::Local, _) | (_, None) => Some(self.local.decide(hash, algo, now)),
+            (Mode::Batched, Some(store)) if matches!(algo, Algo::SlidingWindow { .. }) => {
+                if store.is_up() {
+                    let (limit, window_ms) = (limit_of(&algo), window_of(&algo));
+                    Some(self.batched.decide(hash, redis_key, limit, window_ms, now))
+                } else {
+                    None
+                }
+            }
+            (_, Some(store)) => shared::exact(store, redis_key(), algo).await.ok(),
+        };
+        let (decision, used) = match decision {
+            Some(d) => {
+                if settings.mode != Mode::Local && store.is_some() {
+                    self.set_fallback(false);
+                }
+                (d, algo)
+            }
+            None => {
+                self.set_fallback(true);
+                match settings.on_failure {
+                    OnFailure::Deny => {
+                        metrics::RATE_LIMIT_DECISIONS
+                            .with_label_values(&[tier_name, "unavailable"])
+                            .inc();
+                        return Outcome::Unavailable;
+                    }
+                    OnFailure::Allow => (
+                        Decision {
+                            allowed: true,
+                            remaining: limit_of(&algo),
+                            reset_ms: window_of(&algo),
+                            retry_after_ms: 0,
+                        },
+                        algo,
+                    ),
+                    OnFailure::Local => {
+                        let shared_algo = share(algo, self.nodes.count());
+                        (
+                            self.local.decide(hash ^ 0x5eed, shared_algo, now),
+                            shared_algo,
+                        )
+                    }
+                }
+            }
+        };
+        metrics::RATE_LIMIT_DECISIONS
+            .with_label_values(&[
+                tier_name,
+                if decision.allowed {
+                    "allowed"
+                } else {
+                    "limited"
+                },
+            ])
+            .inc();
+        Outcome::Decided {
+            decision,
+            limit: limit_of(&used),
+            window_s: window_of(&used).div_ceil(1000).max(1),
+            tier,
+        }
+    }
+}
+
+/// Seconds, rounded up, at least 1 (for Retry-After and Reset).
+pub fn ceil_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+/// The rate-limit response headers (IETF draft fields and the X-RateLimit-* trio).
+pub fn headers(outcome: &Outcome, tier_names: &[Arc<str>]) -> Vec<(&'static str, String)> {
+    let Outcome::Decided {
+        decision,
+        limit,
+        window_s,
+        tier,
+    } = outcome
+    else {
+        return Vec::new();
+    };
+    let name = tier_names.get(*tier).map_or("default", |t| t);
+    let reset = ceil_secs(decision.reset_ms);
+    let mut h = vec![
+        (
+            "RateLimit-Policy",
+            format!("\"{name}\";q={limit};w={window_s}"),
+        ),
+        (
+            "RateLimit",
+            format!("\"{name}\";r={};t={reset}", decision.remaining),
+        ),
+        ("X-RateLimit-Limit", limit.to_string()),
+        ("X-RateLimit-Remaining", decision.remaining.to_string()),
+        ("X-RateLimit-Reset", reset.to_string()),
+    ];
+    if !decision.allowed {
+        h.push((
+            "Retry-After",
+            ceil_secs(decision.retry_after_ms).to_string(),
+        ));
+    }
+    h
+}
