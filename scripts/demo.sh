@@ -190,13 +190,13 @@ done
 for i in 1 2 3; do
     port=${DEMO_PORTS[$((i - 1))]}
     wait_for "upstream-demo demo-$i (see $logs/upstream-demo-$i.log)" \
-        curl -sf "http://127.0.0.1:$port/health"
+        curl -sf -m 2 "http://127.0.0.1:$port/health"
 done
 
 say "tollgate on $GATEWAY (admin $ADMIN) with conf/demo.yaml"
 "$tollgate" -t -c conf/demo.yaml >/dev/null
 start tollgate "$tollgate" -c conf/demo.yaml
-wait_for "tollgate (see $logs/tollgate.log)" curl -sf "http://$GATEWAY/api/v1/status"
+wait_for "tollgate (see $logs/tollgate.log)" curl -sf -m 2 "http://$GATEWAY/api/v1/status"
 
 # --- ready: show it working -------------------------------------------------------------------------
 login='{"email":"admin@example.com","password":"admin123"}'
@@ -222,6 +222,7 @@ Try:
 
 Smoke test (the same calls, run now):
 EOF
+curl() { command curl -m 10 "$@"; }    # no smoke call may hang the script
 token=$(curl -sf "http://$GATEWAY/api/v1/auth/login" -H 'content-type: application/json' -d "$login" \
     | sed 's/.*"token":"\([^"]*\)".*/\1/')
 [ -n "$token" ] || die "login through the gateway failed"

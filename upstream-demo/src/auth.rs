@@ -173,7 +173,7 @@ pub async fn me(headers: HeaderMap) -> Result<Json<Value>, ApiError> {
                 }),
         }
     };
-    let Some(consumer) = header("x-consumer-id")? else {
+    let Some(consumer) = forwarded_consumer(&headers)? else {
         return Err(ApiError::Unauthorized {
             code: "unauthenticated",
             message: "no X-Consumer-Id: call through the gateway with credentials".into(),
