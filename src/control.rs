@@ -278,6 +278,7 @@ fn needs_upgrade(old: &config::ServerSettings, new: &config::ServerSettings) -> 
     check(old.pid_file != new.pid_file, "pid_file");
     check(old.upgrade_sock != new.upgrade_sock, "upgrade_sock");
     check(old.grace_period != new.grace_period, "grace_period");
+    check(old.header_timeout != new.header_timeout, "header_timeout");
     w
 }
 

@@ -14,7 +14,9 @@ pub enum GatewayError {
     /// No route matches host, path and method.
     NoRoute,
     /// Every backend of the route's upstream is unhealthy.
-    NoHealthyBackend,
+    NoHealthyBackend {
+        retry_after: u32,
+    },
     /// Could not connect to any backend, or the backend broke the exchange.
     BadGateway,
     /// The backend did not answer in time.
@@ -26,16 +28,25 @@ pub enum GatewayError {
     /// Authentication or authorisation refused the request (401, 403 or 503).
     Auth(AuthError),
     /// Over the rate limit; retry after this many seconds.
-    RateLimited { retry_after: u32 },
+    RateLimited {
+        retry_after: u32,
+    },
     /// Redis failed and `rate_limit.on_failure: deny`.
     LimiterUnavailable,
+    /// Too many requests in flight (route or gateway).
+    Overloaded,
+    UriTooLong,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    /// The client was too slow sending its request.
+    RequestTimeout,
 }
 
 impl GatewayError {
     pub fn status(self) -> u16 {
         match self {
             Self::NoRoute => 404,
-            Self::NoHealthyBackend => 503,
+            Self::NoHealthyBackend { .. } => 503,
             Self::BadGateway => 502,
             Self::UpstreamTimeout => 504,
             Self::BadRequest => 400,
@@ -44,14 +55,18 @@ impl GatewayError {
             Self::Auth(AuthError::Unavailable) => 503,
             Self::Auth(_) => 401,
             Self::RateLimited { .. } => 429,
-            Self::LimiterUnavailable => 503,
+            Self::LimiterUnavailable | Self::Overloaded => 503,
+            Self::UriTooLong => 414,
+            Self::HeadersTooLarge => 431,
+            Self::PayloadTooLarge => 413,
+            Self::RequestTimeout => 408,
         }
     }
 
     pub fn code(self) -> &'static str {
         match self {
             Self::NoRoute => "not_found",
-            Self::NoHealthyBackend => "no_healthy_backend",
+            Self::NoHealthyBackend { .. } => "no_healthy_backend",
             Self::BadGateway => "bad_gateway",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::BadRequest => "bad_request",
@@ -59,13 +74,18 @@ impl GatewayError {
             Self::Auth(e) => e.reason(),
             Self::RateLimited { .. } => "rate_limited",
             Self::LimiterUnavailable => "rate_limiter_unavailable",
+            Self::Overloaded => "overloaded",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
         }
     }
 
     pub fn message(self) -> &'static str {
         match self {
             Self::NoRoute => "no route matches this request",
-            Self::NoHealthyBackend => "no healthy backend is available for this route",
+            Self::NoHealthyBackend { .. } => "no healthy backend is available for this route",
             Self::BadGateway => "the upstream service could not be reached or failed",
             Self::UpstreamTimeout => "the upstream service did not answer in time",
             Self::BadRequest => "the request could not be processed",
@@ -84,6 +104,11 @@ impl GatewayError {
                 "rate limit exceeded; retry after the given number of seconds"
             }
             Self::LimiterUnavailable => "the rate limiter is unavailable; retry shortly",
+            Self::Overloaded => "too many requests in flight; retry shortly",
+            Self::UriTooLong => "the request target is too long",
+            Self::HeadersTooLarge => "the request headers are too large",
+            Self::PayloadTooLarge => "the request body is too large for this route",
+            Self::RequestTimeout => "the request was not received in time",
         }
     }
 
@@ -104,8 +129,10 @@ impl GatewayError {
     /// Seconds a client should wait before retrying, when that is meaningful.
     pub fn retry_after(self) -> Option<u32> {
         match self {
-            Self::NoHealthyBackend => Some(5),
-            Self::Auth(AuthError::Unavailable) | Self::LimiterUnavailable => Some(1),
+            Self::NoHealthyBackend { retry_after } => Some(retry_after),
+            Self::Auth(AuthError::Unavailable) | Self::LimiterUnavailable | Self::Overloaded => {
+                Some(1)
+            }
             Self::RateLimited { retry_after } => Some(retry_after),
             _ => None,
         }

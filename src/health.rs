@@ -25,6 +25,8 @@ pub struct BackendState {
     healthy: AtomicBool,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
+    /// The passive side: the circuit breaker fed by real traffic.
+    pub breaker: crate::breaker::Breaker,
 }
 
 impl BackendState {
@@ -33,6 +35,7 @@ impl BackendState {
             healthy: AtomicBool::new(healthy),
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
+            breaker: crate::breaker::Breaker::default(),
         }
     }
 
@@ -87,10 +90,12 @@ impl Drop for Probe {
     }
 }
 
-/// Every backend's health state and probe, across reloads.
+/// Every backend's health state and probe, and every upstream's retry budget, across reloads.
 #[derive(Default)]
 pub struct HealthBook {
     entries: Mutex<HashMap<Key, Entry>>,
+    budgets: Mutex<HashMap<Arc<str>, Arc<crate::breaker::RetryBudget>>>,
+    shedders: Mutex<HashMap<(String, crate::shed::ShedSpec), Arc<crate::shed::Shedder>>>,
 }
 
 impl HealthBook {
@@ -165,6 +170,12 @@ impl HealthBook {
                 keep.insert(key, entry);
             }
         }
+        let names: std::collections::HashSet<&str> =
+            upstreams.iter().map(|(s, _)| &*s.name).collect();
+        self.budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| names.contains(&**name));
         // Whatever is left was removed from the config: dropping it stops its probe.
         for (name, addr) in entries.keys() {
             let _ = metrics::BACKEND_HEALTHY.remove_label_values(&[&**name, &addr.to_string()]);
@@ -174,6 +185,32 @@ impl HealthBook {
         if removed > 0 {
             log::info!("health: stopped probing {removed} removed backend(s)");
         }
+    }
+
+    /// The retry budget of upstream `name` (kept across reloads).
+    pub fn budget_for(&self, name: &Arc<str>) -> Arc<crate::breaker::RetryBudget> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        budgets.entry(name.clone()).or_default().clone()
+    }
+
+    /// The shedder for `scope` with `spec` (kept across reloads while both are unchanged).
+    pub fn shedder_for(
+        &self,
+        scope: &str,
+        spec: crate::shed::ShedSpec,
+    ) -> Arc<crate::shed::Shedder> {
+        let mut map = self.shedders.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((scope.to_string(), spec))
+            .or_insert_with(|| Arc::new(crate::shed::Shedder::new(spec)))
+            .clone()
+    }
+
+    /// Forget shedders no snapshot uses any more.
+    pub fn retain_shedders(&self, keep: &[(String, crate::shed::ShedSpec)]) {
+        self.shedders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep.contains(k));
     }
 
     /// Number of running probe tasks (for tests and the admin status).

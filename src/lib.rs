@@ -2,15 +2,18 @@
 //! pingora server; each module owns one concern (see `proxy` for the request flow).
 
 pub mod admin;
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod identity;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod shed;
 pub mod snapshot;
 pub mod store;
 pub mod upstream;

@@ -23,6 +23,7 @@ use pingora_core::services::listening::Service;
 use tollgate::admin::Admin;
 use tollgate::config::{self, GatewayConfig};
 use tollgate::control::{Control, ControlService};
+use tollgate::guard::Guarded;
 use tollgate::proxy::Gateway;
 
 #[global_allocator]
@@ -166,24 +167,30 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         ControlService(control.clone()),
     ));
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
+    let mut app = pingora_proxy::HttpProxy::new(
         Gateway {
             current: control.current.clone(),
             draining: control.draining.clone(),
             limiter: control.limiter.clone(),
         },
-        "tollgate proxy",
+        server.configuration.clone(),
+    );
+    app.handle_init_modules();
+    if config.server.h2c {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    // Every connection gets a deadline on its request header section (slow-header defence).
+    let mut proxy = Service::new(
+        "tollgate proxy".to_string(),
+        Guarded {
+            app: Arc::new(app),
+            header_timeout: config.server.header_timeout,
+        },
     );
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
-    }
-    if config.server.h2c {
-        if let Some(app) = proxy.app_logic_mut() {
-            let mut options = HttpServerOptions::default();
-            options.h2c = true;
-            app.server_options = Some(options);
-        }
     }
     // Listeners open only after the first snapshot (and its health pass) is published.
     let proxy_handle = server.add_service(proxy);

@@ -113,6 +113,38 @@ pub static RATE_LIMIT_FALLBACK: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("static metric definition")
 });
 
+pub static BREAKER_TRANSITIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_breaker_transitions_total",
+        "Circuit breaker transitions by upstream and new state",
+        &["upstream", "state"]
+    )
+    .expect("static metric definition")
+});
+
+pub static RETRIES_DENIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_retry_budget_exhausted_total",
+        "Retries not made because the upstream's retry budget was spent",
+        &["upstream"]
+    )
+    .expect("static metric definition")
+});
+
+pub static SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_shed_total",
+        "Requests refused by load shedding, by scope (route name or `gateway`)",
+        &["scope"]
+    )
+    .expect("static metric definition")
+});
+
+pub static IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("tollgate_in_flight_requests", "Requests being processed")
+        .expect("static metric definition")
+});
+
 /// `200` -> `"2xx"`, without allocating.
 pub fn status_class(status: u16) -> &'static str {
     match status {

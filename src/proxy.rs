@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderValue, Uri};
 use pingora_core::modules::http::compression::{ResponseCompression, ResponseCompressionBuilder};
@@ -30,7 +31,9 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::breaker;
 use crate::error::{self, GatewayError};
 use crate::identity::{self, Identity};
 use crate::limit::{self, Limiter};
@@ -60,6 +63,14 @@ pub struct Ctx {
     /// `None` = anonymous (no credential was needed or given).
     identity: Option<Identity>,
     limit: limit::Outcome,
+    current: Option<Attempt>,
+    /// The last error was our own retry of a 5xx response.
+    status_retry: bool,
+    /// In-flight slots (gateway, route), released when the request ends.
+    permits: (Option<OwnedSemaphorePermit>, Option<OwnedSemaphorePermit>),
+    /// Request body bytes seen so far, and when the body started.
+    body_bytes: u64,
+    body_started: Option<Instant>,
 }
 
 impl Ctx {
@@ -156,7 +167,63 @@ fn method_label(m: &http::Method) -> &'static str {
     }
 }
 
+/// The attempt in progress: which backend, and whether it holds a half-open probe slot.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    backend: usize,
+    probe: bool,
+    recorded: bool,
+}
+
+/// May this request be sent again? Idempotent methods (RFC 9110 §9.2.2) or an
+/// `Idempotency-Key`, and a body that still fits pingora's retry buffer.
+fn replayable(session: &Session) -> bool {
+    let req = session.req_header();
+    let idempotent = matches!(
+        req.method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+    ) || req.headers.contains_key("idempotency-key");
+    idempotent && !session.as_ref().retry_buffer_truncated()
+}
+
 impl Gateway {
+    /// Feed the current attempt's outcome to its backend's breaker (once per attempt).
+    fn record(&self, ctx: &mut Ctx, outcome: breaker::Outcome) {
+        let Some(attempt) = ctx.current.as_mut() else {
+            return;
+        };
+        if attempt.recorded {
+            return;
+        }
+        attempt.recorded = true;
+        let (backend, probe) = (attempt.backend, attempt.probe);
+        if let Some(u) = ctx.upstream() {
+            u.record(backend, outcome, probe);
+        }
+    }
+
+    /// Attempts left, another usable backend, and the retry budget allows one more.
+    fn may_retry(&self, ctx: &Ctx) -> bool {
+        let Some(u) = ctx.upstream() else {
+            return false;
+        };
+        if ctx.tries >= u.spec.attempts.min(MAX_ATTEMPTS) || !u.has_untried(ctx.tried()) {
+            return false;
+        }
+        if u.budget.try_retry(&u.spec.budget, breaker::now_ms()) {
+            true
+        } else {
+            metrics::RETRIES_DENIED
+                .with_label_values(&[&u.spec.name])
+                .inc();
+            false
+        }
+    }
+
     /// Route -> authenticate -> upstream availability. Each step may refuse the request; the
     /// order matters: a caller without credentials learns nothing about backend health.
     async fn admit(
@@ -164,7 +231,28 @@ impl Gateway {
         session: &Session,
         ctx: &mut Ctx,
     ) -> std::result::Result<(), GatewayError> {
-        let snapshot = &ctx.snapshot;
+        let snapshot = ctx.snapshot.clone();
+        if let Some(shed) = &snapshot.global_shed {
+            match shed.admit().await {
+                Some(permit) => ctx.permits.0 = Some(permit),
+                None => {
+                    metrics::SHED.with_label_values(&["gateway"]).inc();
+                    return Err(GatewayError::Overloaded);
+                }
+            }
+        }
+        let req = session.req_header();
+        if req.raw_path().len() > snapshot.server.max_uri_bytes {
+            return Err(GatewayError::UriTooLong);
+        }
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > snapshot.server.max_header_bytes {
+            return Err(GatewayError::HeadersTooLarge);
+        }
         let route = ctx
             .route
             .map(|i| &snapshot.routes[i])
@@ -221,8 +309,31 @@ impl Gateway {
                 _ => {}
             }
         }
-        if !snapshot.upstreams[route.upstream].any_healthy() {
-            return Err(GatewayError::NoHealthyBackend);
+        if let Some(max) = route.max_body {
+            let declared = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return Err(GatewayError::PayloadTooLarge);
+            }
+        }
+        // Shedding comes after authentication and rate limiting: refused callers hold no slot.
+        if let Some(Some(shed)) = ctx.route.map(|i| &snapshot.route_shed[i]) {
+            match shed.admit().await {
+                Some(permit) => ctx.permits.1 = Some(permit),
+                None => {
+                    metrics::SHED.with_label_values(&[&route.name]).inc();
+                    return Err(GatewayError::Overloaded);
+                }
+            }
+        }
+        let upstream = &snapshot.upstreams[route.upstream];
+        if !upstream.any_healthy() {
+            let retry_after = u32::try_from(upstream.retry_after_secs()).unwrap_or(u32::MAX);
+            return Err(GatewayError::NoHealthyBackend { retry_after });
         }
         Ok(())
     }
@@ -242,6 +353,11 @@ impl ProxyHttp for Gateway {
             error: None,
             identity: None,
             limit: limit::Outcome::Unlimited,
+            current: None,
+            status_retry: false,
+            permits: (None, None),
+            body_bytes: 0,
+            body_started: None,
         }
     }
 
@@ -257,6 +373,8 @@ impl ProxyHttp for Gateway {
         } else {
             session.set_keepalive(Some(ctx.snapshot.keepalive_secs));
         }
+        // A stalled request body: the longest pause between two reads.
+        session.set_read_timeout(Some(ctx.snapshot.server.body_timeout));
         let req = session.req_header();
         let host = route::normalize_host(request_host(req));
         ctx.route = ctx
@@ -292,6 +410,28 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
         }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let started = *ctx.body_started.get_or_insert_with(Instant::now);
+        if started.elapsed() > ctx.snapshot.server.body_timeout {
+            // A trickling body: the whole body must arrive within body_timeout.
+            ctx.error = Some(GatewayError::RequestTimeout);
+            return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
+        }
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        let max = ctx.route.and_then(|i| ctx.snapshot.routes[i].max_body);
+        if max.is_some_and(|m| ctx.body_bytes > m) {
+            ctx.error = Some(GatewayError::PayloadTooLarge);
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -331,10 +471,11 @@ impl ProxyHttp for Gateway {
             ctx.error = Some(GatewayError::BadGateway);
             return Error::e_explain(ErrorType::ConnectError, "no attempts left");
         }
-        let index = match upstream.select(key, ctx.tried()) {
-            Ok(i) => i,
+        let (index, probe) = match upstream.select(key, ctx.tried()) {
+            Ok(pick) => pick,
             Err(NoBackend::NoneHealthy) => {
-                ctx.error = Some(GatewayError::NoHealthyBackend);
+                let retry_after = u32::try_from(upstream.retry_after_secs()).unwrap_or(u32::MAX);
+                ctx.error = Some(GatewayError::NoHealthyBackend { retry_after });
                 return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy backend");
             }
             Err(NoBackend::AllTried) => {
@@ -342,13 +483,34 @@ impl ProxyHttp for Gateway {
                 return Error::e_explain(ErrorType::ConnectError, "every backend was tried");
             }
         };
-        if ctx.tries > 0 {
+        if ctx.tries == 0 {
+            upstream
+                .budget
+                .record_request(&spec.budget, breaker::now_ms());
+        } else {
             metrics::RETRIES.with_label_values(&[&spec.name]).inc();
+            // Exponential backoff with full jitter before a retry.
+            let cap = spec
+                .backoff
+                .saturating_mul(1 << (ctx.tries - 1).min(16))
+                .min(spec.backoff_max);
+            let wait = cap.mul_f64(rand::random::<f64>());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
         ctx.tried[ctx.tries] = index as u16;
         ctx.tries += 1;
+        ctx.current = Some(Attempt {
+            backend: index,
+            probe,
+            recorded: false,
+        });
 
-        let t = spec.timeouts;
+        let t = ctx
+            .route
+            .and_then(|i| snapshot.routes[i].timeouts)
+            .unwrap_or(spec.timeouts);
         let remaining = t
             .total
             .checked_sub(ctx.started.elapsed())
@@ -369,12 +531,78 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        let outcome = if matches!(e.etype(), ErrorType::ConnectTimedout) {
+            breaker::Outcome::Timeout
+        } else {
+            breaker::Outcome::Connect
+        };
+        self.record(ctx, outcome);
         // Nothing reached the backend: another backend may take the request.
-        if let Some(u) = ctx.upstream() {
-            let more_tries = ctx.tries < u.spec.attempts.min(MAX_ATTEMPTS);
-            let another = u.backends.len() > ctx.tries;
-            if more_tries && another {
-                e.set_retry(true);
+        e.set_retry(self.may_retry(ctx));
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        self.record(ctx, breaker::Outcome::Status(status));
+        let retry_this = ctx
+            .upstream()
+            .is_some_and(|u| u.spec.retry_on.contains(&status))
+            && replayable(session)
+            && self.may_retry(ctx);
+        if retry_this {
+            // Not sent downstream yet: drop it and try another backend (see error_while_proxy).
+            ctx.status_retry = true;
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying a failed response");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        if std::mem::take(&mut ctx.status_retry) {
+            // Our own retry of a 502/503/504 response: already decided and counted.
+            e.set_retry(true);
+            return e;
+        }
+        let timeout = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        let from_upstream = e.esource() == &pingora_error::ErrorSource::Upstream;
+        if from_upstream {
+            self.record(
+                ctx,
+                if timeout {
+                    breaker::Outcome::Timeout
+                } else {
+                    breaker::Outcome::Error
+                },
+            );
+        }
+        if !replayable(session) || !from_upstream {
+            e.set_retry(false);
+        } else if timeout {
+            e.set_retry(self.may_retry(ctx));
+        } else {
+            // A reused connection the backend had closed: pingora's rule (retry only then).
+            e.retry.decide_reuse(client_reused);
+            if e.retry() {
+                e.set_retry(self.may_retry(ctx));
             }
         }
         e
@@ -484,6 +712,14 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        // A probe whose outcome never came (the client left first) gives its slot back.
+        if let Some(a) = ctx.current {
+            if a.probe && !a.recorded {
+                if let Some(u) = ctx.upstream() {
+                    u.backends[a.backend].breaker.release_probe();
+                }
+            }
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

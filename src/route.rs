@@ -92,6 +92,12 @@ pub struct Route {
     pub compression: Option<Compression>,
     pub auth: crate::identity::Policy,
     pub limit: crate::limit::RoutePolicy,
+    /// Overrides the upstream's timeouts.
+    pub timeouts: Option<crate::upstream::Timeouts>,
+    /// In-flight limit (and wait queue) of this route.
+    pub shed: Option<crate::shed::ShedSpec>,
+    /// Request body limit in bytes.
+    pub max_body: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +198,9 @@ mod tests {
                 scope: Arc::from("t"),
                 per_tier: Arc::from([]),
             },
+            timeouts: None,
+            shed: None,
+            max_body: None,
         }
     }
 

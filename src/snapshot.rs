@@ -13,6 +13,7 @@ use crate::health::{BackendState, HealthBook};
 use crate::identity::issued::IssuedKeys;
 use crate::identity::IdentityConfig;
 use crate::route::Route;
+use crate::shed::Shedder;
 use crate::store::Store;
 use crate::upstream::Upstream;
 
@@ -37,6 +38,9 @@ pub struct Snapshot {
     pub shared: Option<Shared>,
     pub admin_token: Option<String>,
     pub limits: crate::limit::Settings,
+    /// Per route (same order as `routes`): its in-flight limiter.
+    pub route_shed: Vec<Option<Arc<Shedder>>>,
+    pub global_shed: Option<Arc<Shedder>>,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -53,9 +57,28 @@ impl Snapshot {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for spec in std::mem::take(&mut config.upstreams) {
             let states = book.states_for(&spec).await;
-            upstreams.push(Upstream::new(spec, states));
+            let budget = book.budget_for(&spec.name);
+            upstreams.push(Upstream::new(spec, states, budget));
         }
-        Self::assemble(config, upstreams, generation, shared)
+        let mut snapshot = Self::assemble(config, upstreams, generation, shared);
+        let mut used = Vec::new();
+        snapshot.route_shed = snapshot
+            .routes
+            .iter()
+            .map(|r| {
+                r.shed.map(|spec| {
+                    let scope = format!("route:{}", r.name);
+                    used.push((scope.clone(), spec));
+                    book.shedder_for(&scope, spec)
+                })
+            })
+            .collect();
+        snapshot.global_shed = snapshot.server.max_inflight.map(|spec| {
+            used.push(("gateway".to_string(), spec));
+            book.shedder_for("gateway", spec)
+        });
+        book.retain_shedders(&used);
+        snapshot
     }
 
     /// A snapshot whose backends have not been probed yet (used only before the first
@@ -69,7 +92,7 @@ impl Snapshot {
                     .iter()
                     .map(|_| Arc::new(BackendState::new(false)))
                     .collect();
-                Upstream::new(spec, states)
+                Upstream::new(spec, states, Arc::default())
             })
             .collect();
         Self::assemble(config, upstreams, 0, None)
@@ -94,6 +117,8 @@ impl Snapshot {
             shared,
             admin_token: config.admin_token,
             limits: config.limits,
+            route_shed: Vec::new(),
+            global_shed: None,
         }
     }
 

@@ -14,7 +14,9 @@ use pingora_load_balancing::selection::{
 };
 use pingora_load_balancing::Backend;
 
+use crate::breaker::{self, Admit, BreakerSpec, BudgetSpec, Outcome, RetryBudget, State};
 use crate::health::BackendState;
+use crate::metrics;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSpec {
@@ -25,6 +27,11 @@ pub struct UpstreamSpec {
     pub timeouts: Timeouts,
     /// Total tries per request, first included (>= 1).
     pub attempts: usize,
+    pub retry_on: Vec<u16>,
+    pub budget: BudgetSpec,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    pub breaker: Option<BreakerSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,12 +118,17 @@ pub enum NoBackend {
 pub struct Upstream {
     pub spec: UpstreamSpec,
     pub backends: Vec<Arc<BackendState>>,
+    pub budget: Arc<RetryBudget>,
     selector: Selector,
 }
 
 impl Upstream {
     /// `states[i]` belongs to `spec.backends[i]`.
-    pub fn new(spec: UpstreamSpec, states: Vec<Arc<BackendState>>) -> Self {
+    pub fn new(
+        spec: UpstreamSpec,
+        states: Vec<Arc<BackendState>>,
+        budget: Arc<RetryBudget>,
+    ) -> Self {
         let set: BTreeSet<Backend> = spec
             .backends
             .iter()
@@ -139,21 +151,71 @@ impl Upstream {
         Self {
             spec,
             backends: states,
+            budget,
             selector,
         }
     }
 
-    pub fn any_healthy(&self) -> bool {
-        self.backends.iter().any(|b| b.is_healthy())
+    /// Healthy, and its breaker would let a request through.
+    fn usable(&self, i: usize, now: u64) -> bool {
+        let b = &self.backends[i];
+        b.is_healthy()
+            && self
+                .spec
+                .breaker
+                .as_ref()
+                .is_none_or(|s| !b.breaker.blocks(s, now))
     }
 
-    /// Pick a healthy backend not in `tried`, by the upstream's algorithm and `key` (used by
-    /// consistent hashing only). Returns the backend's index.
-    pub fn select(&self, key: &[u8], tried: &[u16]) -> Result<usize, NoBackend> {
+    pub fn any_healthy(&self) -> bool {
+        let now = if self.spec.breaker.is_some() {
+            breaker::now_ms()
+        } else {
+            0
+        };
+        (0..self.backends.len()).any(|i| self.usable(i, now))
+    }
+
+    /// Seconds until an open breaker lets a probe through (for Retry-After), at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        let now = breaker::now_ms();
+        let soonest = self
+            .backends
+            .iter()
+            .filter(|b| b.is_healthy() && b.breaker.state() == State::Open)
+            .map(|b| b.breaker.opens_in(now))
+            .min();
+        soonest.map_or(5, |ms| ms.div_ceil(1000).max(1))
+    }
+
+    /// Pick a usable backend not in `tried`, by the upstream's algorithm and `key` (used by
+    /// consistent hashing only). Returns its index and whether it is a half-open probe.
+    pub fn select(&self, key: &[u8], tried: &[u16]) -> Result<(usize, bool), NoBackend> {
         if !self.any_healthy() {
             return Err(NoBackend::NoneHealthy);
         }
-        let accept = |i: usize| !tried.contains(&(i as u16)) && self.backends[i].is_healthy();
+        let now = if self.spec.breaker.is_some() {
+            breaker::now_ms()
+        } else {
+            0
+        };
+        let probe = std::cell::Cell::new(false);
+        let accept = |i: usize| {
+            if tried.contains(&(i as u16)) || !self.backends[i].is_healthy() {
+                return false;
+            }
+            match &self.spec.breaker {
+                None => true,
+                Some(s) => match self.backends[i].breaker.admit(s, now) {
+                    Admit::Yes => true,
+                    Admit::Probe => {
+                        probe.set(true);
+                        true
+                    }
+                    Admit::No => false,
+                },
+            }
+        };
         // Enough iterations for the algorithm's own fallback order to visit every backend
         // with high probability; a linear scan below guarantees the answer either way.
         let max_iter = 8 + 2 * self.backends.len();
@@ -164,7 +226,56 @@ impl Upstream {
         };
         picked
             .or_else(|| (0..self.backends.len()).find(|&i| accept(i)))
+            .map(|i| (i, probe.get()))
             .ok_or(NoBackend::AllTried)
+    }
+
+    /// Is there a usable backend this request has not tried?
+    pub fn has_untried(&self, tried: &[u16]) -> bool {
+        let now = if self.spec.breaker.is_some() {
+            breaker::now_ms()
+        } else {
+            0
+        };
+        (0..self.backends.len()).any(|i| !tried.contains(&(i as u16)) && self.usable(i, now))
+    }
+
+    /// Feed one attempt's outcome to backend `i`'s breaker.
+    pub fn record(&self, i: usize, outcome: Outcome, probe: bool) {
+        let Some(spec) = &self.spec.breaker else {
+            return;
+        };
+        let Some(b) = self.backends.get(i) else {
+            return;
+        };
+        let cap = ((spec.max_open_share * self.backends.len() as f64).floor() as usize).max(1);
+        let may_open = || {
+            self.backends
+                .iter()
+                .filter(|x| x.breaker.state() != State::Closed)
+                .count()
+                < cap
+        };
+        if let Some(state) = b
+            .breaker
+            .record(spec, outcome, probe, breaker::now_ms(), may_open)
+        {
+            let addr = self.spec.backends[i].addr;
+            match state {
+                State::Open => log::warn!(
+                    "breaker: upstream {} backend {addr} opened ({outcome:?})",
+                    self.spec.name
+                ),
+                State::Closed => log::warn!(
+                    "breaker: upstream {} backend {addr} closed again",
+                    self.spec.name
+                ),
+                State::HalfOpen => {}
+            }
+            metrics::BREAKER_TRANSITIONS
+                .with_label_values(&[&self.spec.name, state.as_str()])
+                .inc();
+        }
     }
 }
 
@@ -208,6 +319,15 @@ mod tests {
                 idle: Duration::from_secs(1),
             },
             attempts: 2,
+            retry_on: vec![502, 503, 504],
+            budget: BudgetSpec {
+                ratio: 0.2,
+                min_per_sec: 3,
+                window: Duration::from_secs(10),
+            },
+            backoff: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(10),
+            breaker: None,
         }
     }
 
@@ -218,7 +338,7 @@ mod tests {
             .iter()
             .map(|_| Arc::new(BackendState::new(true)))
             .collect();
-        Upstream::new(s, states)
+        Upstream::new(s, states, Arc::default())
     }
 
     #[test]
@@ -226,13 +346,13 @@ mod tests {
         let u = upstream(Balance::RoundRobin, &[1, 1, 1]);
         let mut counts = [0; 3];
         for _ in 0..300 {
-            counts[u.select(b"", &[]).expect("pick")] += 1;
+            counts[u.select(b"", &[]).expect("pick").0] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
         let u = upstream(Balance::RoundRobin, &[3, 1]);
         let mut counts = [0; 2];
         for _ in 0..400 {
-            counts[u.select(b"", &[]).expect("pick")] += 1;
+            counts[u.select(b"", &[]).expect("pick").0] += 1;
         }
         assert_eq!(counts, [300, 100]);
     }
@@ -242,7 +362,7 @@ mod tests {
         let u = upstream(Balance::Random, &[1, 1, 1]);
         u.backends[1].set_healthy(false);
         for _ in 0..100 {
-            let i = u.select(b"", &[0]).expect("pick");
+            let (i, _) = u.select(b"", &[0]).expect("pick");
             assert_eq!(i, 2);
         }
         assert_eq!(u.select(b"", &[0, 2]), Err(NoBackend::AllTried));
@@ -255,12 +375,12 @@ mod tests {
     #[test]
     fn consistent_hash_is_stable_and_falls_over() {
         let u = upstream(Balance::ConsistentHash(HashKey::Path), &[1, 1, 1, 1]);
-        let first = u.select(b"user-42", &[]).expect("pick");
+        let (first, _) = u.select(b"user-42", &[]).expect("pick");
         for _ in 0..10 {
-            assert_eq!(u.select(b"user-42", &[]), Ok(first));
+            assert_eq!(u.select(b"user-42", &[]), Ok((first, false)));
         }
         u.backends[first].set_healthy(false);
-        let second = u.select(b"user-42", &[]).expect("pick");
+        let (second, _) = u.select(b"user-42", &[]).expect("pick");
         assert_ne!(second, first);
     }
 

@@ -56,6 +56,21 @@ pub struct ServerSection {
     /// Accept HTTP/2 with prior knowledge (h2c) next to HTTP/1.1 on the same port.
     #[serde(default = "yes")]
     pub h2c: bool,
+    /// The whole request header section must arrive within this (slow-header defence).
+    #[serde(default = "default_header_timeout", deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Request bodies: the longest pause between two reads, and the longest whole body.
+    #[serde(default = "default_body_timeout", deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Requests in flight in the whole gateway (0 = no limit); beyond it, 503.
+    #[serde(default)]
+    pub max_inflight: i64,
+    /// Request header section size limit (431 beyond it).
+    #[serde(default = "default_max_header", deserialize_with = "size")]
+    pub max_header_bytes: u64,
+    /// Request target length limit (414 beyond it).
+    #[serde(default = "default_max_uri", deserialize_with = "size")]
+    pub max_uri_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +243,40 @@ pub struct UpstreamSection {
     pub timeouts: TimeoutsSection,
     #[serde(default)]
     pub retries: RetriesSection,
+    #[serde(default)]
+    pub breaker: Option<BreakerSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSection {
+    /// Percent of failed requests in the window that opens the breaker.
+    #[serde(default = "default_failure_rate")]
+    pub failure_rate: f64,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: i64,
+    /// Open after this many failures in a row (0 = off).
+    #[serde(default)]
+    pub consecutive_failures: i64,
+    #[serde(default = "default_breaker_window", deserialize_with = "duration")]
+    pub window: Duration,
+    #[serde(default = "default_breaker_window", deserialize_with = "duration")]
+    pub open_for: Duration,
+    #[serde(default = "default_probes")]
+    pub half_open_probes: i64,
+    /// What counts as a failure: `connect`, `timeout`, `error` and HTTP statuses.
+    #[serde(default = "default_failure_on")]
+    pub failure_on: Vec<FailureOn>,
+    /// At most this percent of the upstream's backends may be open at once (at least one).
+    #[serde(default = "default_open_share")]
+    pub max_open_percent: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum FailureOn {
+    Status(u16),
+    Kind(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -313,15 +362,37 @@ impl Default for TimeoutsSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetriesSection {
-    /// Total tries per request including the first (connect failures only in this version).
+    /// Total tries per request including the first.
     #[serde(default = "default_attempts")]
     pub attempts: i64,
+    /// Responses with these statuses are retried (idempotent requests only).
+    #[serde(default = "default_retry_on")]
+    pub on_status: Vec<u16>,
+    /// Retries may be at most this percent of requests over `budget_window`...
+    #[serde(default = "default_budget")]
+    pub budget_percent: f64,
+    /// ...plus this many per second whatever the traffic.
+    #[serde(default = "default_budget_floor")]
+    pub min_per_second: i64,
+    #[serde(default = "default_breaker_window", deserialize_with = "duration")]
+    pub budget_window: Duration,
+    /// Backoff before retry n: random in [0, min(backoff_max, backoff * 2^(n-1))].
+    #[serde(default = "default_backoff", deserialize_with = "duration")]
+    pub backoff: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "duration")]
+    pub backoff_max: Duration,
 }
 
 impl Default for RetriesSection {
     fn default() -> Self {
         Self {
             attempts: default_attempts(),
+            on_status: default_retry_on(),
+            budget_percent: default_budget(),
+            min_per_second: default_budget_floor(),
+            budget_window: default_breaker_window(),
+            backoff: default_backoff(),
+            backoff_max: default_backoff_max(),
         }
     }
 }
@@ -352,6 +423,26 @@ pub struct RouteSection {
     pub allow_query_key: bool,
     #[serde(default)]
     pub rate_limit: Option<RouteLimitSection>,
+    /// Overrides the upstream's timeouts for this route.
+    #[serde(default)]
+    pub timeouts: Option<TimeoutsSection>,
+    /// Requests in flight on this route (0 = no limit); beyond it (and the queue), 503.
+    #[serde(default)]
+    pub max_inflight: i64,
+    /// Optional bounded wait for a slot when `max_inflight` is reached.
+    #[serde(default)]
+    pub queue: Option<QueueSection>,
+    /// Request body size limit (413 beyond it); `1MiB`, `512KiB`, or bytes.
+    #[serde(default, deserialize_with = "opt_size")]
+    pub max_body: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    pub size: i64,
+    #[serde(default = "default_queue_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
 }
 
 /// Global rate-limit settings.
@@ -448,6 +539,47 @@ pub struct CompressionSection {
     pub zstd: u32,
 }
 
+/// `1048576`, `"512KiB"`, `"1MiB"`, `"2MB"`.
+pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Number(n) => Ok(n),
+        Raw::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    size(d).map(Some)
+}
+
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {text:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: use B, KiB, MiB, GiB (or KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
 /// `"250ms"`, `"2s"`, `"1m 30s"` (humantime syntax).
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
@@ -489,8 +621,62 @@ fn default_roles_claim() -> String {
     "roles".into()
 }
 
+fn default_failure_rate() -> f64 {
+    50.0
+}
+fn default_min_requests() -> i64 {
+    20
+}
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_probes() -> i64 {
+    3
+}
+fn default_failure_on() -> Vec<FailureOn> {
+    ["connect", "timeout", "error"]
+        .into_iter()
+        .map(|k| FailureOn::Kind(k.into()))
+        .chain([500, 502, 503, 504].into_iter().map(FailureOn::Status))
+        .collect()
+}
+fn default_open_share() -> f64 {
+    50.0
+}
+fn default_retry_on() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+fn default_budget() -> f64 {
+    20.0
+}
+fn default_budget_floor() -> i64 {
+    3
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(10)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_millis(200)
+}
+
 fn default_sync() -> Duration {
     Duration::from_millis(100)
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_header() -> u64 {
+    32 * 1024
+}
+fn default_max_uri() -> u64 {
+    8 * 1024
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_threads() -> usize {

@@ -13,9 +13,11 @@ use regex::Regex;
 
 use super::schema::{self, BalanceSection, FileConfig};
 use super::Problem;
+use crate::breaker::{BreakerSpec, BudgetSpec};
 use crate::identity::{self, jwt, keys, Consumer, IdentityConfig, Mode, Policy, BUILTIN_TIERS};
 use crate::limit::{self, Algo, KeyKind, RoutePolicy};
 use crate::route::{Compression, HostMatch, PathMatch, Rewrite, Route};
+use crate::shed::ShedSpec;
 use crate::store::StoreSpec;
 use crate::upstream::{
     BackendSpec, Balance, HashKey, HealthKind, HealthSpec, Timeouts, UpstreamSpec,
@@ -54,6 +56,11 @@ pub struct ServerSettings {
     pub upgrade_sock: Option<String>,
     pub keepalive_timeout: Duration,
     pub h2c: bool,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_inflight: Option<ShedSpec>,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
 }
 
 struct Check {
@@ -233,6 +240,34 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         upgrade_sock: s.upgrade_sock.clone(),
         keepalive_timeout: s.keepalive_timeout,
         h2c: s.h2c,
+        header_timeout: {
+            c.positive("server.header_timeout".into(), s.header_timeout);
+            s.header_timeout
+        },
+        body_timeout: {
+            c.positive("server.body_timeout".into(), s.body_timeout);
+            s.body_timeout
+        },
+        max_inflight: {
+            let n = c.range("server.max_inflight".into(), s.max_inflight, 0, 10_000_000);
+            (n > 0).then_some(ShedSpec {
+                max_inflight: n,
+                queue: 0,
+                queue_timeout: Duration::ZERO,
+            })
+        },
+        max_header_bytes: c.range(
+            "server.max_header_bytes".into(),
+            s.max_header_bytes as i64,
+            1024,
+            1 << 20,
+        ),
+        max_uri_bytes: c.range(
+            "server.max_uri_bytes".into(),
+            s.max_uri_bytes as i64,
+            256,
+            1 << 20,
+        ),
     }
 }
 
@@ -339,7 +374,97 @@ fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> U
             idle: t.idle,
         },
         attempts: c.range(format!("{at}.retries.attempts"), u.retries.attempts, 1, 10),
+        retry_on: {
+            for (i, s) in u.retries.on_status.iter().enumerate() {
+                if !(500..=599).contains(s) {
+                    c.err(
+                        format!("{at}.retries.on_status[{i}]"),
+                        "only 5xx statuses can be retried",
+                    );
+                }
+            }
+            u.retries.on_status.clone()
+        },
+        budget: {
+            let r = &u.retries;
+            if !(0.0..=100.0).contains(&r.budget_percent) {
+                c.err(
+                    format!("{at}.retries.budget_percent"),
+                    "must be between 0 and 100",
+                );
+            }
+            c.positive(format!("{at}.retries.budget_window"), r.budget_window);
+            BudgetSpec {
+                ratio: r.budget_percent / 100.0,
+                min_per_sec: c.range(
+                    format!("{at}.retries.min_per_second"),
+                    r.min_per_second,
+                    0,
+                    100_000,
+                ) as u32,
+                window: r.budget_window,
+            }
+        },
+        backoff: u.retries.backoff,
+        backoff_max: u.retries.backoff_max.max(u.retries.backoff),
+        breaker: u
+            .breaker
+            .as_ref()
+            .map(|b| compile_breaker(c, &format!("{at}.breaker"), b)),
     }
+}
+
+fn compile_breaker(c: &mut Check, at: &str, b: &schema::BreakerSection) -> BreakerSpec {
+    if !(b.failure_rate > 0.0 && b.failure_rate <= 100.0) {
+        c.err(
+            format!("{at}.failure_rate"),
+            "must be a percent in (0, 100]",
+        );
+    }
+    if !(b.max_open_percent > 0.0 && b.max_open_percent <= 100.0) {
+        c.err(
+            format!("{at}.max_open_percent"),
+            "must be a percent in (0, 100]",
+        );
+    }
+    c.positive(format!("{at}.window"), b.window);
+    c.positive(format!("{at}.open_for"), b.open_for);
+    let mut spec = BreakerSpec {
+        failure_rate: b.failure_rate / 100.0,
+        min_requests: c.range(format!("{at}.min_requests"), b.min_requests, 1, 1_000_000) as u32,
+        consecutive_failures: c.range(
+            format!("{at}.consecutive_failures"),
+            b.consecutive_failures,
+            0,
+            1_000_000,
+        ) as u32,
+        window: b.window,
+        open_for: b.open_for,
+        half_open_probes: c.range(
+            format!("{at}.half_open_probes"),
+            b.half_open_probes,
+            1,
+            1000,
+        ) as u32,
+        on_connect: false,
+        on_timeout: false,
+        on_error: false,
+        on_status: Vec::new(),
+        max_open_share: b.max_open_percent / 100.0,
+    };
+    for (i, f) in b.failure_on.iter().enumerate() {
+        match f {
+            schema::FailureOn::Kind(k) if k == "connect" => spec.on_connect = true,
+            schema::FailureOn::Kind(k) if k == "timeout" => spec.on_timeout = true,
+            schema::FailureOn::Kind(k) if k == "error" => spec.on_error = true,
+            schema::FailureOn::Status(s) if (100..=599).contains(s) => spec.on_status.push(*s),
+            other => c.err(
+                format!("{at}.failure_on[{i}]"),
+                format!("{other:?} is not connect, timeout, error or an HTTP status"),
+            ),
+        }
+    }
+    spec
 }
 
 fn compile_redis(c: &mut Check, r: &schema::RedisSection) -> StoreSpec {
@@ -850,6 +975,46 @@ fn compile_route(
         methods,
         upstream,
         rewrite,
+        shed: {
+            let n = c.range(format!("{at}.max_inflight"), r.max_inflight, 0, 10_000_000);
+            let (queue, queue_timeout) = match &r.queue {
+                Some(q) => {
+                    if n == 0 {
+                        c.err(format!("{at}.queue"), "a queue needs max_inflight");
+                    }
+                    c.positive(format!("{at}.queue.timeout"), q.timeout);
+                    (
+                        c.range(format!("{at}.queue.size"), q.size, 1, 1_000_000),
+                        q.timeout,
+                    )
+                }
+                None => (0, Duration::ZERO),
+            };
+            (n > 0).then_some(ShedSpec {
+                max_inflight: n,
+                queue,
+                queue_timeout,
+            })
+        },
+        max_body: r.max_body,
+        timeouts: r.timeouts.as_ref().map(|t| {
+            for (field, d) in [
+                ("connect", t.connect),
+                ("read", t.read),
+                ("write", t.write),
+                ("total", t.total),
+                ("idle", t.idle),
+            ] {
+                c.positive(format!("{at}.timeouts.{field}"), d);
+            }
+            Timeouts {
+                connect: t.connect,
+                read: t.read,
+                write: t.write,
+                total: t.total,
+                idle: t.idle,
+            }
+        }),
         compression,
     })
 }

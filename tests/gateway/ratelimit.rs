@@ -11,8 +11,15 @@ use serde_json::Value;
 use crate::harness::*;
 
 fn config(up: &MockUpstream, redis: Option<&RedisServer>, limits: &str, tiers: &str) -> String {
+    // Tests that take Redis away use a short timeout; the others a generous one, so a loaded CI
+    // machine does not push them into the fallback.
+    let timeout = if limits.contains("on_failure") {
+        "100ms"
+    } else {
+        "2s"
+    };
     let redis = redis
-        .map(|r| format!("redis: {{ url: \"{}\", timeout: 100ms }}\n", r.url()))
+        .map(|r| format!("redis: {{ url: \"{}\", timeout: {timeout} }}\n", r.url()))
         .unwrap_or_default();
     format!(
         "{redis}rate_limit: {{ {limits} }}\ntiers:\n{tiers}upstreams:\n{}routes:\n  - {{ name: tenant, match: {{ path_prefix: /tenant }}, upstream: u, rate_limit: {{ key: \"header:X-Tenant-Id\", limits: {{ anonymous: {{ limit: 3, window: 1m }} }} }} }}\n  - {{ name: free-for-all, match: {{ path_prefix: /unlimited }}, upstream: u, rate_limit: {{ enabled: false }} }}\n  - {{ name: all, upstream: u }}\n",
