@@ -42,7 +42,7 @@ fn upstream(cfg: &config::GatewayConfig) -> Upstream {
         .iter()
         .map(|_| std::sync::Arc::new(BackendState::new(true)))
         .collect();
-    Upstream::new(spec, states)
+    Upstream::new(spec, states, Default::default())
 }
 
 fn bench(c: &mut Criterion) {
