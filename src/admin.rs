@@ -71,7 +71,13 @@ impl Admin {
                     .iter()
                     .zip(&u.backends)
                     .map(|(b, s)| {
-                        json!({"addr": b.addr.to_string(), "weight": b.weight, "healthy": s.is_healthy()})
+                        json!({
+                            "addr": b.addr.to_string(),
+                            "weight": b.weight,
+                            "healthy": s.is_healthy(),
+                            "breaker": s.breaker.state().as_str(),
+                            "breaker_transitions": s.breaker.transitions.load(std::sync::atomic::Ordering::Relaxed),
+                        })
                     })
                     .collect();
                 json!({"name": &*u.spec.name, "backends": backends})

@@ -216,8 +216,19 @@ impl GetSocketDigest for HeaderDeadline {
 
 #[async_trait]
 impl Peek for HeaderDeadline {
+    /// Pingora peeks for the HTTP/2 preface before reading; the deadline covers that wait too.
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        if !self.armed {
+            return self.inner.try_peek(buf).await;
+        }
+        let deadline = self.timer.deadline();
+        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request header timeout",
+            )),
+        }
     }
 }
 

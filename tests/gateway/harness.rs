@@ -63,6 +63,7 @@ struct MockState {
     hits: AtomicUsize,
     health_hits: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
+    path_status: Mutex<HashMap<String, u16>>,
 }
 
 /// A mock HTTP upstream on `127.0.0.1:<free port>`. Answers every path with its name as body
@@ -98,6 +99,8 @@ async fn handle(State(s): State<Arc<MockState>>, req: Request) -> Response {
             .collect(),
     };
     s.seen.lock().expect("lock").push(seen);
+    // Like most backends, read the whole body before answering.
+    let _ = axum::body::to_bytes(req.into_body(), 16 << 20).await;
     if s.hang.load(Ordering::Relaxed) {
         std::future::pending::<()>().await;
     }
@@ -105,13 +108,20 @@ async fn handle(State(s): State<Arc<MockState>>, req: Request) -> Response {
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    let status = s
+        .path_status
+        .lock()
+        .expect("lock")
+        .get(&path)
+        .copied()
+        .unwrap_or_else(|| s.status.load(Ordering::Relaxed));
     let body = if path == "/big" {
         s.name.repeat(20 * 1024 / s.name.len().max(1))
     } else {
         s.name.clone()
     };
     Response::builder()
-        .status(s.status.load(Ordering::Relaxed))
+        .status(status)
         .header("content-type", "text/plain")
         .header("x-instance", s.name.as_str())
         .header("connection", "keep-alive, x-hop")
@@ -132,6 +142,7 @@ impl MockUpstream {
             hits: AtomicUsize::new(0),
             health_hits: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
+            path_status: Mutex::new(HashMap::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -166,6 +177,14 @@ impl MockUpstream {
     }
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::Relaxed);
+    }
+    /// Answer `status` on `path` only.
+    pub fn set_path_status(&self, path: &str, status: u16) {
+        self.state
+            .path_status
+            .lock()
+            .expect("lock")
+            .insert(path.to_string(), status);
     }
     pub fn set_healthy(&self, healthy: bool) {
         self.state
@@ -368,9 +387,21 @@ impl Gateway {
             server_extra: server_extra.to_string(),
         };
         gw.write(body);
-        gw.child = gw.spawn(false);
-        gw.wait_ready().await;
-        gw
+        // Ports come from `free_port`, which can race with other tests: retry a bind failure.
+        for attempt in 0..5 {
+            gw.child = gw.spawn(false);
+            match gw.wait_ready().await {
+                Ok(()) => return gw,
+                Err(log) if attempt < 4 && log.contains("in use") => {
+                    gw.port = free_port();
+                    gw.admin_port = free_port();
+                    gw.write(body);
+                    let _ = std::fs::remove_file(gw.dir.path().join("gateway.log"));
+                }
+                Err(log) => panic!("tollgate did not start:\n{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     pub fn spawn(&self, upgrade: bool) -> Child {
@@ -429,16 +460,17 @@ impl Gateway {
             .unwrap_or(0)
     }
 
-    async fn wait_ready(&mut self) {
+    /// Wait for the admin API to report generation 1; `Err(log)` if the process exited.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = self.status().await {
                 if s["config_generation"].as_u64() >= Some(1) {
-                    return;
+                    return Ok(());
                 }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("tollgate exited with {status}:\n{}", self.log());
+                return Err(format!("exited with {status}:\n{}", self.log()));
             }
             if Instant::now() > deadline {
                 panic!("tollgate did not become ready:\n{}", self.log());

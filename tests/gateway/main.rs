@@ -10,4 +10,5 @@ mod identity;
 mod lifecycle;
 mod ratelimit;
 mod reload;
+mod resilience;
 mod routing;
