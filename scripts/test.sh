@@ -5,7 +5,8 @@
 #
 # Installs what is missing (redis-server, postgresql, cmake) on Debian/Ubuntu, then runs
 # rustfmt, clippy (warnings are errors), `tollgate -t` on every shipped config, and every test
-# (unit, property, integration against the real binary, benches in test mode).
+# of the workspace (unit, property, integration against the real binaries with a private
+# PostgreSQL and redis-server, benches in test mode).
 # Set CARGO_TARGET_DIR to a directory outside the clone to reuse builds between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,14 +20,14 @@ target=${CARGO_TARGET_DIR:-target}
 echo "== rustfmt"
 cargo fmt --all -- --check
 echo "== clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== build"
-cargo build --locked --bins
+cargo build --locked --workspace --bins
 echo "== check shipped configs"
 for f in conf/tollgate.yaml conf/examples/*.yaml; do
     [ -e "$f" ] || continue
     "$target/debug/tollgate" -t -c "$f"
 done
 echo "== tests"
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets
 echo "== all checks passed"
