@@ -11,6 +11,7 @@ pub mod health;
 pub mod identity;
 pub mod limit;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod route;
 pub mod shed;

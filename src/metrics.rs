@@ -145,6 +145,77 @@ pub static IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("static metric definition")
 });
 
+pub static UPSTREAM_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "tollgate_upstream_duration_seconds",
+        "Time from choosing a backend to its response header, by route",
+        &["route"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    )
+    .expect("static metric definition")
+});
+
+pub static BREAKER_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tollgate_breaker_state",
+        "Circuit breaker state by upstream and backend (0 closed, 1 open, 2 half-open)",
+        &["upstream", "backend"]
+    )
+    .expect("static metric definition")
+});
+
+pub static ACCESS_LOG_DROPPED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "tollgate_access_log_dropped_total",
+        "Access log lines dropped because the writer fell behind or failed"
+    )
+    .expect("static metric definition")
+});
+
+/// Per-route metric handles, resolved once per (method, status class) and then reused: a
+/// request pays for an atomic add, not for a label lookup.
+pub struct RouteMetrics {
+    route: std::sync::Arc<str>,
+    requests: [[std::sync::OnceLock<prometheus::IntCounter>; 6]; 8],
+    seconds: prometheus::Histogram,
+    upstream: prometheus::Histogram,
+}
+
+pub const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER",
+];
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+impl RouteMetrics {
+    pub fn new(route: std::sync::Arc<str>) -> Self {
+        Self {
+            seconds: REQUEST_SECONDS.with_label_values(&[&*route]),
+            upstream: UPSTREAM_SECONDS.with_label_values(&[&*route]),
+            route,
+            requests: Default::default(),
+        }
+    }
+
+    pub fn observe(&self, method: usize, status: u16, seconds: f64, upstream_seconds: Option<f64>) {
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            500..=599 => 4,
+            _ => 5,
+        };
+        let m = method.min(7);
+        self.requests[m][class]
+            .get_or_init(|| REQUESTS.with_label_values(&[&*self.route, METHODS[m], CLASSES[class]]))
+            .inc();
+        self.seconds.observe(seconds);
+        if let Some(u) = upstream_seconds {
+            self.upstream.observe(u);
+        }
+    }
+}
+
 /// `200` -> `"2xx"`, without allocating.
 pub fn status_class(status: u16) -> &'static str {
     match status {

@@ -38,6 +38,7 @@ use crate::error::{self, GatewayError};
 use crate::identity::{self, Identity};
 use crate::limit::{self, Limiter};
 use crate::metrics;
+use crate::observe;
 use crate::route;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::{HashKey, NoBackend};
@@ -71,6 +72,11 @@ pub struct Ctx {
     /// Request body bytes seen so far, and when the body started.
     body_bytes: u64,
     body_started: Option<Instant>,
+    request_id: String,
+    trace: Option<observe::TraceParent>,
+    /// When the current attempt started, and how long the backend took to answer.
+    upstream_started: Option<Instant>,
+    upstream_took: Option<Duration>,
 }
 
 impl Ctx {
@@ -153,17 +159,17 @@ fn request_host(req: &RequestHeader) -> &str {
         .unwrap_or("")
 }
 
-/// A bounded label for the method (clients can send any token).
-fn method_label(m: &http::Method) -> &'static str {
+/// A bounded label index for the method (clients can send any token): see `metrics::METHODS`.
+fn method_index(m: &http::Method) -> usize {
     match *m {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::PATCH => "PATCH",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        _ => "OTHER",
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        http::Method::PATCH => 4,
+        http::Method::HEAD => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
     }
 }
 
@@ -344,6 +350,7 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
+        metrics::IN_FLIGHT.inc();
         Ctx {
             snapshot: self.current.load_full(),
             route: None,
@@ -358,6 +365,10 @@ impl ProxyHttp for Gateway {
             permits: (None, None),
             body_bytes: 0,
             body_started: None,
+            request_id: String::new(),
+            trace: None,
+            upstream_started: None,
+            upstream_took: None,
         }
     }
 
@@ -376,6 +387,10 @@ impl ProxyHttp for Gateway {
         // A stalled request body: the longest pause between two reads.
         session.set_read_timeout(Some(ctx.snapshot.server.body_timeout));
         let req = session.req_header();
+        ctx.request_id = observe::request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()));
+        ctx.trace = Some(observe::TraceParent::next(
+            req.headers.get("traceparent").map(|v| v.as_bytes()),
+        ));
         let host = route::normalize_host(request_host(req));
         ctx.route = ctx
             .snapshot
@@ -406,7 +421,8 @@ impl ProxyHttp for Gateway {
                 let mut extra = limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers);
                 // Retry-After comes from the error itself.
                 extra.retain(|(name, _)| *name != "Retry-After");
-                error::respond_with(session, err, "", close, &extra).await?;
+                extra.push(("X-Request-Id", ctx.request_id.clone()));
+                error::respond_with(session, err, &ctx.request_id, close, &extra).await?;
                 Ok(true)
             }
         }
@@ -501,6 +517,7 @@ impl ProxyHttp for Gateway {
         }
         ctx.tried[ctx.tries] = index as u16;
         ctx.tries += 1;
+        ctx.upstream_started = Some(Instant::now());
         ctx.current = Some(Attempt {
             backend: index,
             probe,
@@ -549,6 +566,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
+        ctx.upstream_took = ctx.upstream_started.map(|t| t.elapsed());
         self.record(ctx, breaker::Outcome::Status(status));
         let retry_this = ctx
             .upstream()
@@ -626,6 +644,10 @@ impl ProxyHttp for Gateway {
             }
         };
         identity::apply_headers(upstream_request, id, &ctx.snapshot.identity.tiers);
+        upstream_request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        if let Some(t) = &ctx.trace {
+            upstream_request.insert_header("traceparent", t.header())?;
+        }
         if id.method == identity::Method::ApiKey {
             // The gateway consumed the key; the backend does not need it.
             upstream_request.remove_header(&ctx.snapshot.identity.key_header);
@@ -680,6 +702,7 @@ impl ProxyHttp for Gateway {
         let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
             && session.is_upgrade_req();
         clean_response(upstream_response, upgraded);
+        upstream_response.insert_header("X-Request-Id", ctx.request_id.as_str())?;
         for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
             upstream_response.insert_header(name, value)?;
         }
@@ -700,7 +723,9 @@ impl ProxyHttp for Gateway {
             };
         }
         if session.response_written().is_none() {
-            if let Err(we) = error::respond(session, err, "", true).await {
+            let extra = [("X-Request-Id", ctx.request_id.clone())];
+            if let Err(we) = error::respond_with(session, err, &ctx.request_id, true, &extra).await
+            {
                 log::debug!("could not send error response: {we}");
             }
         }
@@ -720,25 +745,70 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
+        metrics::IN_FLIGHT.dec();
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .or(ctx.error.map(GatewayError::status))
             .unwrap_or(0);
-        let route = ctx
-            .route
-            .map(|i| &*ctx.snapshot.routes[i].name)
-            .unwrap_or("");
-        metrics::REQUESTS
-            .with_label_values(&[
-                route,
-                method_label(&session.req_header().method),
-                metrics::status_class(status),
-            ])
-            .inc();
-        metrics::REQUEST_SECONDS
-            .with_label_values(&[route])
-            .observe(ctx.started.elapsed().as_secs_f64());
+        let snapshot = &ctx.snapshot;
+        let total = ctx.started.elapsed();
+        let upstream = ctx.upstream_took.map(|d| d.as_secs_f64());
+        let method = session.req_header().method.clone();
+        let mi = method_index(&method);
+        let rm = ctx.route.unwrap_or(snapshot.routes.len());
+        if let Some(m) = snapshot.route_metrics.get(rm) {
+            m.observe(mi, status, total.as_secs_f64(), upstream);
+        }
+        if snapshot.server.access_log == observe::LogTarget::Off {
+            return;
+        }
+        let req = session.req_header();
+        let backend = ctx.current.and_then(|a| {
+            ctx.upstream()
+                .map(|u| u.spec.backends[a.backend].addr.to_string())
+        });
+        let (consumer, tier) = match &ctx.identity {
+            Some(id) => (
+                id.consumer.as_deref().map(str::to_string),
+                snapshot.identity.tiers.get(id.tier).map(|t| t.to_string()),
+            ),
+            None => (None, snapshot.identity.tiers.first().map(|t| t.to_string())),
+        };
+        let record = observe::AccessRecord {
+            time: observe::now_rfc3339(),
+            request_id: std::mem::take(&mut ctx.request_id),
+            trace_id: ctx.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default(),
+            method: method.as_str().to_string(),
+            path: req.uri.path().chars().take(2048).collect(),
+            route: ctx
+                .route
+                .map(|i| snapshot.routes[i].name.to_string())
+                .unwrap_or_default(),
+            status,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            total_ms: total.as_secs_f64() * 1000.0,
+            upstream_ms: upstream.map(|s| s * 1000.0),
+            backend,
+            consumer,
+            tier,
+            rate_limit: match ctx.limit {
+                limit::Outcome::Unlimited => "none",
+                limit::Outcome::Decided { decision, .. } if decision.allowed => "allowed",
+                limit::Outcome::Decided { .. } => "limited",
+                limit::Outcome::Unavailable => "unavailable",
+            },
+            cache: "none",
+            retries: ctx.tries.saturating_sub(1),
+            error: ctx.error.map(GatewayError::code),
+        };
+        observe::log(&snapshot.server.access_log, record);
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Snapshot {
     /// Per route (same order as `routes`): its in-flight limiter.
     pub route_shed: Vec<Option<Arc<Shedder>>>,
     pub global_shed: Option<Arc<Shedder>>,
+    /// Per route (same order as `routes`), then one for requests no route matched.
+    pub route_metrics: Vec<crate::metrics::RouteMetrics>,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -105,6 +107,14 @@ impl Snapshot {
         shared: Option<Shared>,
     ) -> Self {
         let keepalive_secs = config.server.keepalive_timeout.as_secs().max(1);
+        let route_metrics = config
+            .routes
+            .iter()
+            .map(|r| crate::metrics::RouteMetrics::new(r.name.clone()))
+            .chain(std::iter::once(crate::metrics::RouteMetrics::new(
+                Arc::from(""),
+            )))
+            .collect();
         Self {
             generation,
             loaded_at: SystemTime::now(),
@@ -119,6 +129,7 @@ impl Snapshot {
             limits: config.limits,
             route_shed: Vec::new(),
             global_shed: None,
+            route_metrics,
         }
     }
 

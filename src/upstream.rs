@@ -275,6 +275,9 @@ impl Upstream {
             metrics::BREAKER_TRANSITIONS
                 .with_label_values(&[&self.spec.name, state.as_str()])
                 .inc();
+            metrics::BREAKER_STATE
+                .with_label_values(&[&*self.spec.name, &addr.to_string()])
+                .set(state as i64);
         }
     }
 }

@@ -71,6 +71,9 @@ pub struct ServerSection {
     /// Request target length limit (414 beyond it).
     #[serde(default = "default_max_uri", deserialize_with = "size")]
     pub max_uri_bytes: u64,
+    /// JSON access log: `stdout` (default), `off`, or a file path.
+    #[serde(default = "default_access_log")]
+    pub access_log: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -663,6 +666,9 @@ fn default_sync() -> Duration {
     Duration::from_millis(100)
 }
 
+fn default_access_log() -> String {
+    "stdout".into()
+}
 fn default_header_timeout() -> Duration {
     Duration::from_secs(10)
 }

@@ -61,6 +61,7 @@ pub struct ServerSettings {
     pub max_inflight: Option<ShedSpec>,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
+    pub access_log: crate::observe::LogTarget,
 }
 
 struct Check {
@@ -268,6 +269,20 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
             256,
             1 << 20,
         ),
+        access_log: match s.access_log.as_str() {
+            "off" => crate::observe::LogTarget::Off,
+            "stdout" => crate::observe::LogTarget::Stdout,
+            path if Path::new(path).is_absolute() => {
+                crate::observe::LogTarget::File(path.to_string())
+            }
+            other => {
+                c.err(
+                    "server.access_log",
+                    format!("expected off, stdout or an absolute file path, got {other:?}"),
+                );
+                crate::observe::LogTarget::Off
+            }
+        },
     }
 }
 

@@ -8,6 +8,7 @@ mod health;
 mod hygiene;
 mod identity;
 mod lifecycle;
+mod observe;
 mod ratelimit;
 mod reload;
 mod resilience;

@@ -1,0 +1,137 @@
+//! Request ids, trace context, the access log and the metrics an operator alerts on.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_and_trace_context_flow_through() {
+    let up = MockUpstream::start("up").await;
+    let body = format!(
+        "upstreams:\n{}routes:\n  - {{ name: r, match: {{ path_prefix: /x }}, upstream: u }}\n",
+        upstream_yaml("u", &[&up], "")
+    );
+    let gw = Gateway::start(&body).await;
+    let client = http();
+    // A valid incoming id is kept end to end.
+    let r = client
+        .get(gw.url("/x"))
+        .header("x-request-id", "client-id-42")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.headers()["x-request-id"], "client-id-42");
+    assert_eq!(
+        up.last_seen()
+            .headers
+            .get("x-request-id")
+            .map(String::as_str),
+        Some("client-id-42")
+    );
+    // An invalid one is replaced by a UUIDv7, the same upstream and back.
+    let r = client
+        .get(gw.url("/x"))
+        .header("x-request-id", "bad id\twith tab")
+        .send()
+        .await
+        .expect("send");
+    let id = r.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert_eq!(
+        uuid::Uuid::parse_str(&id).expect("uuid").get_version_num(),
+        7
+    );
+    assert_eq!(up.last_seen().headers.get("x-request-id"), Some(&id));
+    // Error bodies carry it too.
+    let r = client
+        .get(gw.url("/nowhere"))
+        .header("x-request-id", "err-1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-request-id"], "err-1");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["request_id"], "err-1");
+    // traceparent: continued with the same trace id and a new span id; started when absent.
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    client
+        .get(gw.url("/x"))
+        .header("traceparent", incoming)
+        .header("tracestate", "vendor=1")
+        .send()
+        .await
+        .expect("send");
+    let seen = up.last_seen();
+    let tp = seen.headers.get("traceparent").expect("traceparent");
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "span id not renewed: {tp}"
+    );
+    assert_eq!(
+        seen.headers.get("tracestate").map(String::as_str),
+        Some("vendor=1")
+    );
+    client.get(gw.url("/x")).send().await.expect("send");
+    let started = up
+        .last_seen()
+        .headers
+        .get("traceparent")
+        .cloned()
+        .expect("started");
+    assert_eq!(started.len(), 55);
+
+    // One JSON access log line per request, with the id and the route.
+    let line = eventually(Duration::from_secs(5), "the access log line", || async {
+        gw.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["request_id"] == "client-id-42")
+    })
+    .await;
+    assert_eq!(line["route"], "r");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["method"], "GET");
+    assert!(line["backend"]
+        .as_str()
+        .is_some_and(|b| b == up.addr.to_string()));
+    assert!(line["total_ms"].as_f64().is_some());
+    assert_eq!(line["tier"], "anonymous");
+    let err_line = eventually(Duration::from_secs(5), "the 404 log line", || async {
+        gw.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["request_id"] == "err-1")
+    })
+    .await;
+    assert_eq!(err_line["error"], "not_found");
+
+    // Metrics: bounded labels, latency histograms, in-flight.
+    let text = http()
+        .get(gw.admin("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains("tollgate_requests_total{method=\"GET\",route=\"r\",status=\"2xx\"}"),
+        "{text}"
+    );
+    assert!(text.contains("tollgate_requests_total{method=\"GET\",route=\"\",status=\"4xx\"} 1"));
+    assert!(text.contains("tollgate_upstream_duration_seconds_bucket{route=\"r\""));
+    assert!(text.contains("tollgate_in_flight_requests"));
+    assert!(
+        !text.contains("client-id-42"),
+        "a request id leaked into a label"
+    );
+}
