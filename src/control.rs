@@ -55,6 +55,7 @@ pub struct Control {
     initial: Mutex<Option<GatewayConfig>>,
     redis: Mutex<Option<RedisHandle>>,
     last: Mutex<Option<ReloadOutcome>>,
+    history: Mutex<std::collections::VecDeque<ReloadOutcome>>,
     requests: mpsc::Sender<oneshot::Sender<ReloadOutcome>>,
     inbox: Mutex<Option<mpsc::Receiver<oneshot::Sender<ReloadOutcome>>>>,
 }
@@ -75,6 +76,7 @@ impl Control {
             initial: Mutex::new(Some(config)),
             redis: Mutex::new(None),
             last: Mutex::new(None),
+            history: Mutex::new(std::collections::VecDeque::new()),
             requests,
             inbox: Mutex::new(Some(inbox)),
         })
@@ -94,6 +96,17 @@ impl Control {
 
     pub fn last_reload(&self) -> Option<ReloadOutcome> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The most recent reload attempts, newest first (at most 20).
+    pub fn reload_history(&self) -> Vec<ReloadOutcome> {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .cloned()
+            .collect()
     }
 
     /// The shared Redis parts for `spec`: kept across reloads while the spec is unchanged;
@@ -215,6 +228,12 @@ impl Control {
             }
         };
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.clone());
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if history.len() == 20 {
+            history.pop_front();
+        }
+        history.push_back(outcome.clone());
+        drop(history);
         outcome
     }
 }
