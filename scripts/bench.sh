@@ -6,27 +6,42 @@
 #   scripts/bench.sh
 #   ROUNDS=5 DURATION=20s scripts/bench.sh              # longer, steadier
 #   ROUNDS=1 DURATION=3s BENCH_OUT=/tmp/b.md scripts/bench.sh   # quick smoke run
+#   PROXIES="tollgate tollgate-rl-local" scripts/bench.sh   # only some of the runs
 #
 # Other knobs (env): CONNECTIONS=64 WRK_THREADS=1 WARMUP=1s PROXY_CPU=1 LOAD_CPU=0
-#   UPSTREAM_CPU=<LOAD_CPU on 2 cores, else 2> BUILD=1 (0 = reuse the binaries already built)
-#   CARGO_TARGET_DIR (honoured, as cargo does).
+#   UPSTREAM_CPU=<LOAD_CPU on 2 cores, else 2> REDIS_CPU=<UPSTREAM_CPU>
+#   BUILD=1 (0 = reuse the binaries already built) CARGO_TARGET_DIR (honoured, as cargo does).
+#   KEEP_WORK=0 (1 = keep the scratch directory: configs, server logs, raw wrk outputs).
+#   PROXIES (space-separated, in table order; default all): nginx haproxy reference tollgate
+#   tollgate-rl-local tollgate-rl-exact tollgate-rl-batched.
 #
 # What it does: builds `tollgate` and `examples/reference_proxy.rs` with the release profile,
-# starts ONE upstream (NGINX answering "hello"), then the four proxies in front of it, each
-# pinned to the same core. wrk drives each proxy in interleaved rounds (every proxy once per
-# round, the order rotated each round) so machine drift hits all of them equally.
+# starts ONE upstream (NGINX answering "hello"), then the proxies in front of it, each pinned to
+# the same core. wrk drives each proxy in interleaved rounds (every proxy once per round, the
+# order rotated each round) so machine drift hits all of them equally.
+#
+# The proxies: NGINX, HAProxy, the bare pingora reference proxy, plain Tollgate, and three
+# Tollgates that differ from plain Tollgate only by a rate limit no run can reach (every request
+# is decided, and allowed): `tollgate-rl-local` (in-process counters), `tollgate-rl-exact` (one
+# Redis script per request) and `tollgate-rl-batched` (local decisions, deltas synced to Redis
+# every 100 ms). The last two share ONE private redis-server, pinned to the load/upstream core.
 #
 # What it prints: one line per run, then a table of medians per proxy — requests/s, p50 and p99
 # latency, CPU microseconds per request of the proxy's processes (utime+stime from /proc over
 # the requests wrk completed), and the ratios CPU/request vs NGINX, vs the reference proxy, and
-# p99 vs the reference proxy. The table is also written as markdown to BENCH_OUT
-# (default run/bench.md; run/ is gitignored).
+# p99 vs the reference proxy; then a table of the rate limiter's cost against plain Tollgate:
+# CPU/request ratio, p99 difference, and Redis's own CPU/request (not part of the proxy's CPU,
+# so shown apart and added in its own ratio). Both tables are also written as markdown to
+# BENCH_OUT (default run/bench.md; run/ is gitignored).
 #
 # Core layout: the proxy under test gets a core of its own (PROXY_CPU); wrk and the upstream
 # share the other (LOAD_CPU). On a 2-core machine that is the only split that keeps the proxy's
 # CPU time clean: the proxy is what we measure, and wrk + upstream NGINX are cheap per request
 # and identical for every proxy, so sharing a core shifts all proxies' throughput alike.
 # CPU/request is the headline number: it does not depend on how fast the load side is.
+# Redis (REDIS_CPU) joins wrk and the upstream: it is the limiter's backend, not the proxy. It
+# is busy only in the exact run, where it takes load-core time from wrk (fewer requests/s) and
+# its scheduling shows in that run's latency; the proxy's CPU/request stays clean.
 
 set -euo pipefail
 
@@ -40,6 +55,7 @@ WARMUP=${WARMUP:-1s}
 CONNECTIONS=${CONNECTIONS:-64}
 WRK_THREADS=${WRK_THREADS:-1}
 BUILD=${BUILD:-1}
+KEEP_WORK=${KEEP_WORK:-0}
 BENCH_OUT=${BENCH_OUT:-$REPO/run/bench.md}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
@@ -47,21 +63,38 @@ if [[ -z ${UPSTREAM_CPU:-} ]]; then
     # With a third core the upstream gets its own; otherwise it shares wrk's.
     if (($(nproc) >= 3)); then UPSTREAM_CPU=2; else UPSTREAM_CPU=$LOAD_CPU; fi
 fi
+REDIS_CPU=${REDIS_CPU:-$UPSTREAM_CPU}
 # The order of the table; the first round runs them in this order, later rounds rotate it.
-PROXIES=(nginx haproxy reference tollgate)
+ALL_PROXIES=(nginx haproxy reference tollgate tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
+read -r -a PROXIES <<<"${PROXIES:-${ALL_PROXIES[*]}}"
+# The rate-limiter runs' tier limit: never reached (the counter is per client IP, and wrk is one
+# client), so every request is counted and allowed.
+RL_LIMIT=1000000000
 # nginx and haproxy live in /usr/sbin, which is not on a normal user's PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
-RESULTS="$WORK/results.tsv" # proxy round rps p50_us p99_us cpu_us_per_req requests errors
+# proxy round rps p50_us p99_us cpu_us_per_req requests socket_errors non_2xx
+#   redis_cpu_us_per_req redis_fallbacks ("-" for the runs without Redis)
+RESULTS="$WORK/results.tsv"
 declare -A PROXY_PID=()     # proxy name -> pid of the process we started (the tree root)
 declare -A PROXY_PORT=()    # proxy name -> listening port
 STARTED_PIDS=()             # every pid we started, for cleanup
+REDIS_PORT=                 # the private redis-server (only when a run needs it)
+REDIS_PID=
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() {
     log "error: $*"
     exit 1
+}
+
+# The runs that talk to Redis, and whether the selection has one.
+uses_redis() { [[ $1 == tollgate-rl-exact || $1 == tollgate-rl-batched ]]; }
+needs_redis() {
+    local name
+    for name in "${PROXIES[@]}"; do uses_redis "$name" && return 0; done
+    return 1
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +129,7 @@ cleanup() {
         for pid in "${all[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
         wait 2>/dev/null || true
     fi
-    rm -rf "$WORK"
+    if [[ $KEEP_WORK == 1 ]]; then log "kept $WORK (configs, logs, wrk outputs)"; else rm -rf "$WORK"; fi
     exit "$status"
 }
 trap cleanup EXIT
@@ -111,6 +144,7 @@ trap 'exit 143' TERM
 ensure_tools() {
     local -A pkg_of=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [cmake]=cmake [curl]=curl
         [python3]=python3 [taskset]=util-linux [cargo]=)
+    if needs_redis; then pkg_of+=([redis-server]=redis-server [redis-cli]=redis-tools); fi
     local tool missing=() pkgs=()
     for tool in "${!pkg_of[@]}"; do
         command -v "$tool" >/dev/null 2>&1 && continue
@@ -122,10 +156,11 @@ ensure_tools() {
         log "installing: ${pkgs[*]}"
         apt-get update -q >&2
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >&2
-        # The Debian nginx package starts a system nginx on port 80: we never use it, stop it
-        # so it does not compete for the cores.
-        if [[ " ${pkgs[*]} " == *" nginx "* ]] && command -v systemctl >/dev/null 2>&1; then
-            systemctl stop nginx 2>/dev/null || true
+        # The Debian nginx and redis-server packages start system services (ports 80, 6379):
+        # we never use them, stop them so they do not compete for the cores.
+        if command -v systemctl >/dev/null 2>&1; then
+            [[ " ${pkgs[*]} " == *" nginx "* ]] && { systemctl stop nginx 2>/dev/null || true; }
+            [[ " ${pkgs[*]} " == *" redis-server "* ]] && { systemctl stop redis-server 2>/dev/null || true; }
         fi
     fi
     for tool in "${missing[@]}"; do
@@ -303,13 +338,76 @@ start_reference() {
         start reference "$PROXY_CPU" "$REFERENCE_BIN" "127.0.0.1:$port" "127.0.0.1:$upstream"
 }
 
+# The private Redis of the exact and batched runs: no persistence, pinned to the load/upstream
+# core (like the upstream, it is the proxy's backend, not the proxy).
+start_redis() {
+    local port=$1 dir="$WORK/redis" i
+    mkdir -p "$dir"
+    start redis "$REDIS_CPU" redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" \
+        --save "" --appendonly no --daemonize no
+    REDIS_PID=$LAST_PID
+    for i in $(seq 100); do
+        kill -0 "$REDIS_PID" 2>/dev/null || { tail -20 "$WORK/redis.log" >&2; die "redis-server exited at start"; }
+        [[ $(redis-cli -p "$port" ping 2>/dev/null) == PONG ]] && return 0
+        sleep 0.1
+    done
+    die "redis-server did not answer PING on port $port within 10 s"
+}
+
+# Total calls of the given Redis commands since Redis started (from INFO commandstats).
+redis_calls() {
+    redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | awk -F'[:,=]' -v cmds=" $* " '
+        { sub(/^cmdstat_/, "", $1) }
+        index(cmds, " " $1 " ") && $2 == "calls" { n += $3 }
+        END { print n + 0 }'
+}
+
+# How many times a Tollgate has lost Redis: its store logs each up -> down transition once, and
+# the limiter counts locally until Redis answers again.
+fallbacks_logged() { grep -c 'unreachable or too slow' "$WORK/$1.log" || true; }
+
+# The Redis commands a limiter run issues for its decisions: one script call per request in
+# exact mode, one INCRBY per caller and sync round in batched mode.
+limiter_commands() {
+    case $1 in
+    tollgate-rl-exact) echo evalsha eval ;;
+    tollgate-rl-batched) echo incrby ;;
+    esac
+}
+
+# What a Tollgate run adds to plain Tollgate's config: nothing, or the never-reached tier limit
+# (routes get the tier limits without a route setting; anonymous callers are keyed by client
+# IP) in one of the limiter modes.
+limiter_yaml() {
+    [[ $1 == tollgate ]] && return 0
+    cat <<EOF
+
+tiers:
+  anonymous: { limit: $RL_LIMIT, window: 1m }
+EOF
+    case $1 in
+    tollgate-rl-local) ;; # no redis section: local mode
+    tollgate-rl-exact | tollgate-rl-batched)
+        echo "redis: { url: \"redis://127.0.0.1:$REDIS_PORT\", timeout: 50ms }"
+        if [[ $1 == tollgate-rl-exact ]]; then
+            echo "rate_limit: { mode: exact }"
+        else
+            echo "rate_limit: { mode: batched, sync_interval: 100ms }"
+        fi
+        ;;
+    *) die "unknown Tollgate run: $1" ;;
+    esac
+}
+
 # Tollgate as shipped, cut down to the benchmark: one worker thread, one route, one upstream with
 # one backend, no health check (omitted), no admin listener. Its own pid file and upgrade
-# socket so it never collides with another Tollgate on the machine.
+# socket so it never collides with another Tollgate on the machine. NAME is `tollgate` or one of
+# the rate-limiter runs (see limiter_yaml).
 start_tollgate() {
-    local port=$1 upstream=$2 dir="$WORK/tollgate"
+    local name=$1 port=$2 upstream=$3 dir="$WORK/$1"
     mkdir -p "$dir"
-    cat >"$dir/tollgate.yaml" <<EOF
+    {
+        cat <<EOF
 server:
   listen: ["127.0.0.1:$port"]
   threads: 1
@@ -327,10 +425,30 @@ routes:
     match: { path_prefix: / }
     upstream: bench
 EOF
-    "$TOLLGATE_BIN" -t -c "$dir/tollgate.yaml" >&2 || die "tollgate rejected its config"
+        limiter_yaml "$name"
+    } >"$dir/tollgate.yaml"
+    "$TOLLGATE_BIN" -t -c "$dir/tollgate.yaml" >&2 || die "$name: tollgate rejected its config"
     # warn: per-request logging is not what we measure (Tollgate logs nothing per request at info
-    # either; this only quiets start-up).
-    RUST_LOG=warn start tollgate "$PROXY_CPU" "$TOLLGATE_BIN" -c "$dir/tollgate.yaml"
+    # either; this only quiets start-up). Redis trouble is logged at error, so it stays visible.
+    RUST_LOG=warn start "$name" "$PROXY_CPU" "$TOLLGATE_BIN" -c "$dir/tollgate.yaml"
+}
+
+# Start one proxy by its run name. Usage: start_proxy NAME PORT UPSTREAM_PORT
+start_proxy() {
+    case $1 in
+    nginx | haproxy | reference) "start_$1" "$2" "$3" ;;
+    tollgate | tollgate-rl-*) start_tollgate "$@" ;;
+    *) die "unknown proxy: $1" ;;
+    esac
+}
+
+# The rate-limiter runs must really be limiting: their answers carry the tier's limit.
+check_limiter() {
+    local name=$1 port=$2
+    [[ $name == tollgate-rl-* ]] || return 0
+    curl -s -D - -o /dev/null "http://127.0.0.1:$port/" | tr -d '\r' |
+        grep -qix "x-ratelimit-limit: $RL_LIMIT" ||
+        die "$name answers without X-RateLimit-Limit: $RL_LIMIT (rate limiter not active?)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -351,8 +469,8 @@ cpu_ticks() {
     echo "$total"
 }
 
-# Parse wrk --latency output into: rps p50_us p99_us requests errors
-# (errors = socket errors + non-2xx/3xx responses; any of them makes the run suspect).
+# Parse wrk --latency output into: rps p50_us p99_us requests socket_errors non_2xx
+# (non_2xx = non-2xx/3xx responses; any error makes the run suspect).
 parse_wrk() {
     awk '
         function us(v) {
@@ -365,79 +483,170 @@ parse_wrk() {
         $1 == "99%"               { p99 = us($2) }
         $2 == "requests" && $3 == "in" { requests = $1 }
         /^Requests\/sec:/         { rps = $2 }
-        /Non-2xx or 3xx/          { errors += $NF }
+        /Non-2xx or 3xx/          { non2xx += $NF }
         /Socket errors:/ {
             for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) errors += $i + 0
         }
         END {
             if (rps == "" || p50 == "" || p99 == "" || requests == "") exit 1
-            printf "%s %.0f %.0f %s %d\n", rps, p50, p99, requests, errors
+            printf "%s %.0f %.0f %s %d %d\n", rps, p50, p99, requests, errors, non2xx
         }'
 }
 
+# CPU microseconds per request from a clock-tick delta. Usage: per_req TICKS REQUESTS
+per_req() {
+    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", t * 1000000 / hz / n }'
+}
+
 # One measured run of one proxy: warm-up (fills connection pools), then wrk with CPU sampled
-# around it. Appends a line to $RESULTS and prints it.
+# around it (the proxy's, and Redis's for the runs that use it). Appends a line to $RESULTS and
+# prints it.
 run_one() {
     local name=$1 round=$2 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]}
-    local url="http://127.0.0.1:$port/" out before after parsed rps p50 p99 requests errors
+    local url="http://127.0.0.1:$port/" out before after parsed rps p50 p99 requests errors non2xx
+    local cpu_us redis_us=- redis_before redis_after calls_before calls_after note=""
+    local fallbacks=- fallbacks_before
     taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    if uses_redis "$name"; then
+        # shellcheck disable=SC2046
+        calls_before=$(redis_calls $(limiter_commands "$name"))
+        fallbacks_before=$(fallbacks_logged "$name")
+        redis_before=$(cpu_ticks "$REDIS_PID")
+    fi
     before=$(cpu_ticks "$pid")
     out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
     after=$(cpu_ticks "$pid")
+    if uses_redis "$name"; then
+        redis_after=$(cpu_ticks "$REDIS_PID")
+        # shellcheck disable=SC2046
+        calls_after=$(redis_calls $(limiter_commands "$name"))
+        fallbacks=$(($(fallbacks_logged "$name") - fallbacks_before))
+    fi
     echo "$out" >"$WORK/wrk.$name.$round.txt"
     kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name died during the run"; }
     parsed=$(parse_wrk <<<"$out") || { echo "$out" >&2; die "cannot parse wrk output for $name"; }
-    read -r rps p50 p99 requests errors <<<"$parsed"
+    read -r rps p50 p99 requests errors non2xx <<<"$parsed"
     ((requests > 0)) || die "$name: wrk completed no requests"
-    local cpu_us
-    cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" \
-        'BEGIN { printf "%.2f", t * 1000000 / hz / n }')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-        "$name" "$round" "$rps" "$p50" "$p99" "$cpu_us" "$requests" "$errors" >>"$RESULTS"
-    log "$(printf 'round %s  %-9s  %10.0f req/s  p50 %6s us  p99 %6s us  %6s us CPU/req  errors %s' \
-        "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$errors")"
-    ((errors == 0)) || log "WARNING: $name had $errors errors in round $round (see its wrk output above)"
+    cpu_us=$(per_req $((after - before)) "$requests")
+    if uses_redis "$name"; then
+        redis_us=$(per_req $((redis_after - redis_before)) "$requests")
+        note=$(printf '  Redis %6s us CPU/req, %s %s calls' "$redis_us" \
+            $((calls_after - calls_before)) "$(limiter_commands "$name" | cut -d' ' -f1)")
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$rps" "$p50" "$p99" \
+        "$cpu_us" "$requests" "$errors" "$non2xx" "$redis_us" "$fallbacks" >>"$RESULTS"
+    log "$(printf 'round %s  %-19s %8.0f req/s  p50 %6s us  p99 %6s us  %6s us CPU/req  errors %s  non-2xx %s%s' \
+        "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$errors" "$non2xx" "$note")"
+    ((errors + non2xx == 0)) || log "WARNING: $name had $errors socket errors and $non2xx non-2xx answers in round $round"
+    # A limiter that lost Redis falls back to local counting and would pass for a Redis run.
+    if [[ $fallbacks != - ]] && ((fallbacks > 0)); then
+        log "WARNING: $name lost Redis during the run ($fallbacks fallback(s) logged): it counted locally for a while"
+    fi
+    if [[ $name == tollgate-rl-exact ]] && ((calls_after - calls_before < requests)); then
+        log "WARNING: $name: $((calls_after - calls_before)) Redis script calls for $requests requests: it fell back to local counting"
+    elif [[ $name == tollgate-rl-batched ]] && ((calls_after == calls_before)); then
+        log "WARNING: $name: no delta reached Redis during the run: it fell back to local counting"
+    fi
 }
 
-# Median of a column (1-based, of $RESULTS) for one proxy.
+# Median of a column (1-based, of $RESULTS) for one proxy; empty when the proxy did not run.
 median() {
     awk -F'\t' -v p="$1" -v c="$2" '$1 == p { print $c }' "$RESULTS" | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        awk '{ v[NR] = $1 }
+            END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-# The markdown report: settings, then medians per proxy with the ratios.
+# Sum of a column (1-based, of $RESULTS) for one proxy.
+total() {
+    awk -F'\t' -v p="$1" -v c="$2" '$1 == p { s += $c } END { print s + 0 }' "$RESULTS"
+}
+
+# The markdown report: settings, medians per proxy with the ratios, then the rate limiter's cost.
 report() {
-    local name rps p50 p99 cpu errs
-    local nginx_cpu ref_cpu ref_p99
+    local name rps p50 p99 cpu errs non2xx redis
+    local nginx_cpu ref_cpu ref_p99 tg_cpu tg_p99 measured idle
     nginx_cpu=$(median nginx 6)
     ref_cpu=$(median reference 6)
     ref_p99=$(median reference 5)
+    tg_cpu=$(median tollgate 6)
+    tg_p99=$(median tollgate 5)
     cat <<EOF
 # Tollgate whole-gateway benchmark
 
 - $(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')
-- $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)); proxy on CPU $PROXY_CPU, wrk on CPU $LOAD_CPU, upstream on CPU $UPSTREAM_CPU
+- $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)); proxy on CPU $PROXY_CPU, wrk on CPU $LOAD_CPU, upstream on CPU $UPSTREAM_CPU$(needs_redis && echo ", Redis on CPU $REDIS_CPU")
 - wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (after a $WARMUP warm-up), $ROUNDS interleaved round(s); medians shown
-- $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), pingora 0.9.1
+- $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), pingora 0.9.1$(needs_redis && redis-server --version | awk '{ sub(/^v=/, "", $3); print ", Redis " $3 }')
 - CPU/req = utime+stime of all the proxy's processes over the run / requests completed
 
-| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs NGINX | CPU vs reference | p99 vs reference | errors |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs NGINX | CPU vs reference | p99 vs reference | socket errors | non-2xx |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 EOF
     for name in "${PROXIES[@]}"; do
         rps=$(median "$name" 3)
         p50=$(median "$name" 4)
         p99=$(median "$name" 5)
         cpu=$(median "$name" 6)
-        errs=$(awk -F'\t' -v p="$name" '$1 == p { s += $8 } END { print s + 0 }' "$RESULTS")
+        errs=$(total "$name" 8)
+        non2xx=$(total "$name" 9)
         awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v cpu="$cpu" -v e="$errs" \
-            -v ncpu="$nginx_cpu" -v rcpu="$ref_cpu" -v rp99="$ref_p99" '
+            -v x="$non2xx" -v ncpu="$nginx_cpu" -v rcpu="$ref_cpu" -v rp99="$ref_p99" '
             function ratio(a, b) { return b > 0 ? sprintf("%.2f×", a / b) : "n/a" }
             BEGIN {
-                printf "| %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %s | %d |\n",
+                printf "| %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %s | %d | %d |\n",
                     n, rps, p50 / 1000, p99 / 1000, cpu,
-                    ratio(cpu, ncpu), ratio(cpu, rcpu), ratio(p99, rp99), e
+                    ratio(cpu, ncpu), ratio(cpu, rcpu), ratio(p99, rp99), e, x
             }'
+    done
+
+    [[ " ${PROXIES[*]} " == *" tollgate-rl-"* ]] || return 0
+    cat <<EOF
+
+## Rate limiter cost (vs plain Tollgate)
+
+- Each run is plain Tollgate plus \`tiers: { anonymous: { limit: $RL_LIMIT, window: 1m } }\`, a limit never reached: every request is counted (one counter: anonymous callers are keyed by client IP, and wrk is one client) and allowed. local: no \`redis:\` section; exact: \`redis: { timeout: 50ms }\`, \`rate_limit: { mode: exact }\`; batched: \`rate_limit: { mode: batched, sync_interval: 100ms }\`.
+- Redis CPU/req = utime+stime of the private redis-server over the run / requests completed. It is not in the proxy's CPU/req; "CPU+Redis" adds it. It includes the idle chores of the other Redis-backed Tollgate (1 s heartbeat, 100 ms batched sync), a few calls per second.
+- Targets (issue): local CPU/req ≤ 1.1× plain Tollgate, batched ≤ 1.2×, exact p99 within 1 ms of plain Tollgate.
+
+| run | CPU µs/req | Redis CPU µs/req | CPU vs tollgate | CPU+Redis vs tollgate | p99 ms | p99 vs tollgate | target |
+|---|---:|---:|---:|---:|---:|---:|---|
+EOF
+    for name in "${PROXIES[@]}"; do
+        [[ $name == tollgate-rl-* ]] || continue
+        p99=$(median "$name" 5)
+        cpu=$(median "$name" 6)
+        redis=-
+        uses_redis "$name" && redis=$(median "$name" 10)
+        awk -v n="$name" -v p99="$p99" -v cpu="$cpu" -v r="$redis" -v tcpu="$tg_cpu" -v tp99="$tg_p99" '
+            function ratio(a, b) { return b > 0 ? sprintf("%.2f×", a / b) : "n/a" }
+            function verdict(ok) { return ok ? "met" : "**missed**" }
+            BEGIN {
+                have = tcpu != "" && tp99 != ""
+                dp99 = (p99 - tp99) / 1000
+                if (n == "tollgate-rl-local")   target = sprintf("CPU ≤ 1.1×: %s", have ? verdict(cpu <= 1.1 * tcpu) : "n/a")
+                if (n == "tollgate-rl-batched") target = sprintf("CPU ≤ 1.2×: %s", have ? verdict(cpu <= 1.2 * tcpu) : "n/a")
+                if (n == "tollgate-rl-exact")   target = sprintf("p99 ≤ +1 ms: %s", have ? verdict(dp99 <= 1) : "n/a")
+                printf "| %s | %.2f | %s | %s | %s | %.3f | %s | %s |\n",
+                    n, cpu, r == "-" ? "—" : sprintf("%.2f", r), ratio(cpu, tcpu),
+                    r == "-" ? ratio(cpu, tcpu) : ratio(cpu + r, tcpu), p99 / 1000,
+                    have ? sprintf("%+.3f ms", dp99) : "n/a", target
+            }'
+    done
+    # A Redis-backed run that lost Redis counted locally for a while: say so next to its numbers.
+    # Losses while another run had the cores are told apart: they do not touch this run's numbers.
+    if needs_redis; then echo; fi
+    for name in "${PROXIES[@]}"; do
+        uses_redis "$name" || continue
+        measured=$(total "$name" 11)
+        idle=$(($(fallbacks_logged "$name") - measured))
+        if ((measured)); then
+            echo "- **WARNING: $name lost Redis $measured time(s) during its measured runs**: it counted locally for a while, so its numbers are partly local mode."
+        else
+            echo "- $name: Redis answered throughout its measured runs."
+        fi
+        if ((idle)); then
+            echo "- $name lost Redis $idle time(s) outside its measured runs (idle, while other runs loaded the cores; \`timeout: 50ms\`)."
+        fi
     done
 }
 
@@ -446,25 +655,38 @@ EOF
 # ---------------------------------------------------------------------------------------------
 main() {
     local ports upstream_port name round i order
+    local -A seen=()
+    ((${#PROXIES[@]})) || die "PROXIES is empty"
+    for name in "${PROXIES[@]}"; do
+        [[ " ${ALL_PROXIES[*]} " == *" $name "* ]] || die "unknown proxy in PROXIES: $name (known: ${ALL_PROXIES[*]})"
+        [[ -z ${seen[$name]:-} ]] || die "proxy listed twice in PROXIES: $name"
+        seen[$name]=1
+    done
     ensure_tools
     build
     CLK_TCK=$(getconf CLK_TCK)
     (($(nproc) >= 2)) || log "WARNING: one core only: proxy and load share it, numbers are not meaningful"
 
     # shellcheck disable=SC2207
-    ports=($(free_ports 5))
+    ports=($(free_ports $((${#PROXIES[@]} + 2))))
     upstream_port=${ports[0]}
-    for i in "${!PROXIES[@]}"; do PROXY_PORT[${PROXIES[$i]}]=${ports[$((i + 1))]}; done
+    REDIS_PORT=${ports[1]}
+    for i in "${!PROXIES[@]}"; do PROXY_PORT[${PROXIES[$i]}]=${ports[$((i + 2))]}; done
 
     log "upstream NGINX on 127.0.0.1:$upstream_port (CPU $UPSTREAM_CPU)"
     start_upstream "$upstream_port"
+    if needs_redis; then
+        start_redis "$REDIS_PORT"
+        log "redis-server on 127.0.0.1:$REDIS_PORT (pid $REDIS_PID, CPU $REDIS_CPU)"
+    fi
 
     # All proxies stay up for the whole benchmark: an idle proxy costs nothing, and starting them
     # once keeps start-up work (and Tollgate's first health/config pass) out of every run.
     for name in "${PROXIES[@]}"; do
-        "start_$name" "${PROXY_PORT[$name]}" "$upstream_port"
+        start_proxy "$name" "${PROXY_PORT[$name]}" "$upstream_port"
         PROXY_PID[$name]=$LAST_PID
         wait_ready "$name" "${PROXY_PORT[$name]}" "$LAST_PID"
+        check_limiter "$name" "${PROXY_PORT[$name]}"
         log "$name on 127.0.0.1:${PROXY_PORT[$name]} (pid $LAST_PID, CPU $PROXY_CPU)"
     done
 
