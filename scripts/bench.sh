@@ -412,6 +412,7 @@ server:
   listen: ["127.0.0.1:$port"]
   threads: 1
   grace_period: 1s
+  access_log: off        # like the NGINX and HAProxy runs: no per-request log
   pid_file: $dir/tollgate.pid
   upgrade_sock: $dir/tollgate_upgrade.sock
 

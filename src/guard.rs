@@ -72,10 +72,10 @@ impl HeaderDeadline {
             }
         }
         if let Phase::Rest { responded: true } = self.phase {
-            // A new request on a kept-alive connection: its header section starts now.
+            // A new request on a kept-alive connection. Its deadline is armed only if its header
+            // section does not arrive in this read (see below): whole headers in one read — the
+            // common case — cost no timer at all.
             self.phase = Phase::Header { matched: 0 };
-            self.timer.as_mut().reset(Instant::now() + self.timeout);
-            self.armed = true;
         }
         if let Phase::Header { matched } = &mut self.phase {
             const END: &[u8; 4] = b"\r\n\r\n";
@@ -97,6 +97,11 @@ impl HeaderDeadline {
                 }
             }
             *matched = m as u8;
+            if !self.armed {
+                // A partial header section: from now on it has `timeout` to complete.
+                self.timer.as_mut().reset(Instant::now() + self.timeout);
+                self.armed = true;
+            }
         }
     }
 }

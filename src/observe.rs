@@ -118,6 +118,31 @@ impl TraceParent {
         )
     }
 
+    /// The `traceparent` value, built without intermediate strings.
+    pub fn header_value(&self) -> http::HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        let mut i = 3;
+        for b in self.trace_id.iter().chain(self.span_id.iter()) {
+            if i == 35 {
+                out[i] = b'-';
+                i += 1;
+            }
+            out[i] = HEX[(b >> 4) as usize];
+            out[i + 1] = HEX[(b & 15) as usize];
+            i += 2;
+        }
+        out[52] = b'-';
+        out[53] = HEX[(self.flags >> 4) as usize];
+        out[54] = HEX[(self.flags & 15) as usize];
+        http::HeaderValue::from_bytes(&out).unwrap_or_else(|_| {
+            http::HeaderValue::from_static(
+                "00-00000000000000000000000000000000-0000000000000000-00",
+            )
+        })
+    }
+
     pub fn trace_id_hex(&self) -> String {
         hex::encode(self.trace_id)
     }
@@ -287,6 +312,10 @@ mod tests {
         }
         let fresh = TraceParent::next(None);
         assert_eq!(fresh.header().len(), 55);
+        assert_eq!(
+            fresh.header_value().to_str().expect("ascii"),
+            fresh.header()
+        );
         assert!(TraceParent::parse(fresh.header().as_bytes()).is_some());
     }
 }

@@ -90,6 +90,12 @@ impl Ctx {
     }
 }
 
+const H_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const H_TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const H_XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const H_XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const H_XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the common non-standard ones. `Transfer-Encoding`
 /// and `Content-Length` are left to pingora, which owns message framing; `Upgrade` is kept for
 /// upgrade requests.
@@ -115,26 +121,15 @@ fn strip_hop_by_hop(headers: &http::HeaderMap, mut remove: impl FnMut(&str), kee
     }
 }
 
-fn clean_request(req: &mut RequestHeader, upgrade: bool) {
-    let mut named = Vec::new();
-    strip_hop_by_hop(&req.headers, |n| named.push(n.to_string()), upgrade);
-    for n in named {
-        req.remove_header(n.as_str());
-    }
-    for h in &HOP_BY_HOP {
-        if upgrade && *h == header::CONNECTION {
-            continue;
-        }
-        req.remove_header(h);
-    }
-    if upgrade {
-        let _ = req.insert_header(header::CONNECTION, "upgrade");
-    } else {
-        req.remove_header(&header::UPGRADE);
-    }
-}
-
 fn clean_response(resp: &mut ResponseHeader, upgraded: bool) {
+    // Most responses carry none of them: look before touching the maps.
+    if !HOP_BY_HOP.iter().any(|h| resp.headers.contains_key(h))
+        && !resp.headers.contains_key(header::SERVER)
+    {
+        return;
+    }
+    // The upstream's software never reaches the client.
+    resp.remove_header(&header::SERVER);
     let mut named = Vec::new();
     strip_hop_by_hop(&resp.headers, |n| named.push(n.to_string()), upgraded);
     for n in named {
@@ -179,6 +174,19 @@ struct Attempt {
     backend: usize,
     probe: bool,
     recorded: bool,
+}
+
+/// Error answers always carry a request id, even when ids are not otherwise sent.
+fn ensure_request_id(session: &Session, ctx: &mut Ctx) {
+    if ctx.request_id.is_empty() {
+        ctx.request_id = observe::request_id(
+            session
+                .req_header()
+                .headers
+                .get(H_REQUEST_ID)
+                .map(|v| v.as_bytes()),
+        );
+    }
 }
 
 /// May this request be sent again? Idempotent methods (RFC 9110 §9.2.2) or an
@@ -387,10 +395,16 @@ impl ProxyHttp for Gateway {
         // A stalled request body: the longest pause between two reads.
         session.set_read_timeout(Some(ctx.snapshot.server.body_timeout));
         let req = session.req_header();
-        ctx.request_id = observe::request_id(req.headers.get("x-request-id").map(|v| v.as_bytes()));
-        ctx.trace = Some(observe::TraceParent::next(
-            req.headers.get("traceparent").map(|v| v.as_bytes()),
-        ));
+        let server = &ctx.snapshot.server;
+        if server.request_id_header || server.access_log != observe::LogTarget::Off {
+            ctx.request_id =
+                observe::request_id(req.headers.get(H_REQUEST_ID).map(|v| v.as_bytes()));
+        }
+        if server.trace_context {
+            ctx.trace = Some(observe::TraceParent::next(
+                req.headers.get(H_TRACEPARENT).map(|v| v.as_bytes()),
+            ));
+        }
         let host = route::normalize_host(request_host(req));
         ctx.route = ctx
             .snapshot
@@ -421,6 +435,7 @@ impl ProxyHttp for Gateway {
                 let mut extra = limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers);
                 // Retry-After comes from the error itself.
                 extra.retain(|(name, _)| *name != "Retry-After");
+                ensure_request_id(session, ctx);
                 extra.push(("X-Request-Id", ctx.request_id.clone()));
                 error::respond_with(session, err, &ctx.request_id, close, &extra).await?;
                 Ok(true)
@@ -632,34 +647,45 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let upgrade = session.is_upgrade_req();
-        clean_request(upstream_request, upgrade);
-        // Identity headers: the client's are removed in every spelling, ours added.
-        let anonymous;
-        let id = match &ctx.identity {
-            Some(id) => id,
-            None => {
-                anonymous = Identity::anonymous();
-                &anonymous
-            }
-        };
-        identity::apply_headers(upstream_request, id, &ctx.snapshot.identity.tiers);
-        upstream_request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
-        if let Some(t) = &ctx.trace {
-            upstream_request.insert_header("traceparent", t.header())?;
+        // pingora has already removed hop-by-hop headers and every header named in
+        // `Connection` (sanitize_h1_upstream_request) before this filter runs.
+        let snapshot = &ctx.snapshot;
+        // Identity: the client's identity headers are removed in every spelling, ours added.
+        for name in identity::spoofed(&upstream_request.headers) {
+            upstream_request.remove_header(&name);
         }
-        if id.method == identity::Method::ApiKey {
-            // The gateway consumed the key; the backend does not need it.
-            upstream_request.remove_header(&ctx.snapshot.identity.key_header);
+        match &ctx.identity {
+            // No authentication ran (auth: none): nothing to assert to the backend.
+            None if ctx
+                .route
+                .is_some_and(|i| snapshot.routes[i].auth.mode == identity::Mode::None) => {}
+            Some(id) => {
+                identity::apply_headers(upstream_request, id, &snapshot.identity)?;
+                if id.method == identity::Method::ApiKey {
+                    // The gateway consumed the key; the backend does not need it.
+                    upstream_request.remove_header(&snapshot.identity.key_header);
+                }
+            }
+            None => identity::apply_anonymous(upstream_request, &snapshot.identity)?,
+        }
+        if snapshot.server.request_id_header {
+            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+                upstream_request.insert_header(H_REQUEST_ID, v)?;
+            }
+        }
+        if let Some(t) = &ctx.trace {
+            upstream_request.insert_header(H_TRACEPARENT, t.header_value())?;
         }
 
         // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
         // send origin-form to the (HTTP/1.1) backend.
-        let original_host = request_host(upstream_request).to_string();
-        if upstream_request.headers.get(header::HOST).is_none() && !original_host.is_empty() {
-            upstream_request.insert_header(header::HOST, original_host.as_str())?;
+        let host = HeaderValue::from_bytes(request_host(upstream_request).as_bytes()).ok();
+        if upstream_request.headers.get(header::HOST).is_none() {
+            if let Some(h) = host.clone().filter(|h| !h.is_empty()) {
+                upstream_request.insert_header(header::HOST, h)?;
+            }
         }
-        let route = ctx.route.map(|i| &ctx.snapshot.routes[i]);
+        let route = ctx.route.map(|i| &snapshot.routes[i]);
         let path = upstream_request.uri.path();
         let new_path = route.and_then(|r| r.rewrite_path(path));
         if new_path.is_some() || upstream_request.uri.authority().is_some() {
@@ -673,22 +699,29 @@ impl ProxyHttp for Gateway {
             }
         }
 
+        if !snapshot.server.forwarded_headers {
+            return Ok(());
+        }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = addr.ip().to_string();
-            let xff = match upstream_request
+            use std::fmt::Write;
+            let prev = upstream_request
                 .headers
-                .get("x-forwarded-for")
+                .get(H_XFF)
                 .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
-            };
-            upstream_request.insert_header("X-Forwarded-For", xff)?;
+                .map(str::trim)
+                .filter(|p| !p.is_empty());
+            let mut xff = String::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
+            if let Some(p) = prev {
+                xff.push_str(p);
+                xff.push_str(", ");
+            }
+            let _ = write!(xff, "{}", addr.ip());
+            upstream_request.insert_header(H_XFF, xff)?;
         }
         // Set, never trusted from the client.
-        upstream_request.insert_header("X-Forwarded-Proto", "http")?;
-        if let Ok(v) = HeaderValue::from_str(&original_host) {
-            upstream_request.insert_header("X-Forwarded-Host", v)?;
+        upstream_request.insert_header(H_XFP, HeaderValue::from_static("http"))?;
+        if let Some(h) = host {
+            upstream_request.insert_header(H_XFH, h)?;
         }
         Ok(())
     }
@@ -702,7 +735,11 @@ impl ProxyHttp for Gateway {
         let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
             && session.is_upgrade_req();
         clean_response(upstream_response, upgraded);
-        upstream_response.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        if ctx.snapshot.server.request_id_header {
+            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+                upstream_response.insert_header(H_REQUEST_ID, v)?;
+            }
+        }
         for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
             upstream_response.insert_header(name, value)?;
         }
@@ -723,6 +760,7 @@ impl ProxyHttp for Gateway {
             };
         }
         if session.response_written().is_none() {
+            ensure_request_id(session, ctx);
             let extra = [("X-Request-Id", ctx.request_id.clone())];
             if let Err(we) = error::respond_with(session, err, &ctx.request_id, true, &extra).await
             {
@@ -817,35 +855,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
-        req.insert_header("Connection", "keep-alive, X-Secret")
+    fn hop_by_hop_response_headers_are_removed() {
+        let mut resp = ResponseHeader::build(200, None).expect("resp");
+        resp.insert_header("Connection", "keep-alive, X-Secret")
             .expect("h");
-        req.insert_header("X-Secret", "1").expect("h");
-        req.insert_header("Keep-Alive", "timeout=5").expect("h");
-        req.insert_header("TE", "trailers").expect("h");
-        req.insert_header("Upgrade", "websocket").expect("h");
-        req.insert_header("X-Kept", "1").expect("h");
-        clean_request(&mut req, false);
-        for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
-            assert!(req.headers.get(gone).is_none(), "{gone} kept");
+        resp.insert_header("X-Secret", "1").expect("h");
+        resp.insert_header("Keep-Alive", "timeout=5").expect("h");
+        resp.insert_header("Server", "backend/1.2").expect("h");
+        resp.insert_header("X-Kept", "1").expect("h");
+        clean_response(&mut resp, false);
+        for gone in ["connection", "x-secret", "keep-alive", "server"] {
+            assert!(resp.headers.get(gone).is_none(), "{gone} kept");
         }
-        assert!(req.headers.get("x-kept").is_some());
-    }
-
-    #[test]
-    fn upgrade_requests_keep_upgrade() {
-        let mut req = RequestHeader::build("GET", b"/", None).expect("req");
-        req.insert_header("Connection", "Upgrade").expect("h");
-        req.insert_header("Upgrade", "websocket").expect("h");
-        clean_request(&mut req, true);
-        assert_eq!(
-            req.headers.get("upgrade").map(|v| v.as_bytes()),
-            Some(&b"websocket"[..])
-        );
-        assert_eq!(
-            req.headers.get("connection").map(|v| v.as_bytes()),
-            Some(&b"upgrade"[..])
-        );
+        assert!(resp.headers.get("x-kept").is_some());
     }
 }

@@ -71,6 +71,15 @@ pub struct ServerSection {
     /// Request target length limit (414 beyond it).
     #[serde(default = "default_max_uri", deserialize_with = "size")]
     pub max_uri_bytes: u64,
+    /// Add X-Forwarded-For / -Proto / -Host to upstream requests.
+    #[serde(default = "yes")]
+    pub forwarded_headers: bool,
+    /// Send X-Request-Id upstream and back to the client (ids are still made for logs/errors).
+    #[serde(default = "yes")]
+    pub request_id_header: bool,
+    /// Continue or start W3C trace context (traceparent) on upstream requests.
+    #[serde(default = "yes")]
+    pub trace_context: bool,
     /// JSON access log: `stdout` (default), `off`, or a file path.
     #[serde(default = "default_access_log")]
     pub access_log: String,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
 use super::schema::{self, BalanceSection, FileConfig};
@@ -62,6 +62,9 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     pub access_log: crate::observe::LogTarget,
+    pub forwarded_headers: bool,
+    pub request_id_header: bool,
+    pub trace_context: bool,
 }
 
 struct Check {
@@ -269,6 +272,9 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
             256,
             1 << 20,
         ),
+        forwarded_headers: s.forwarded_headers,
+        request_id_header: s.request_id_header,
+        trace_context: s.trace_context,
         access_log: match s.access_log.as_str() {
             "off" => crate::observe::LogTarget::Off,
             "stdout" => crate::observe::LogTarget::Stdout,
@@ -777,6 +783,13 @@ fn compile_identity(
     });
     IdentityConfig {
         tiers: tiers.iter().map(|t| t.name.clone()).collect(),
+        tier_values: tiers
+            .iter()
+            .map(|t| {
+                HeaderValue::from_str(&t.name)
+                    .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+            })
+            .collect(),
         tier_index: tier_index.clone(),
         keys,
         key_header,

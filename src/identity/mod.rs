@@ -139,6 +139,8 @@ impl Default for Policy {
 /// The compiled identity settings of one snapshot.
 pub struct IdentityConfig {
     pub tiers: Vec<Arc<str>>,
+    /// `tiers` as ready header values (cloned per request, never re-validated).
+    pub tier_values: Vec<HeaderValue>,
     pub tier_index: HashMap<String, TierId>,
     pub keys: HashMap<KeyHash, Arc<Consumer>>,
     pub key_header: HeaderName,
@@ -326,28 +328,43 @@ pub fn is_identity_header(name: &str) -> bool {
     starts("x-consumer-") || eq(AUTH_METHOD)
 }
 
-/// Remove client-sent identity headers (any spelling), then add the gateway's for `id`.
-pub fn apply_headers(req: &mut pingora_http::RequestHeader, id: &Identity, tiers: &[Arc<str>]) {
-    for name in spoofed(&req.headers) {
-        req.remove_header(&name);
-    }
+const H_CONSUMER_ID: HeaderName = HeaderName::from_static(CONSUMER_ID);
+const H_CONSUMER_TIER: HeaderName = HeaderName::from_static(CONSUMER_TIER);
+const H_CONSUMER_ROLES: HeaderName = HeaderName::from_static(CONSUMER_ROLES);
+const H_AUTH_METHOD: HeaderName = HeaderName::from_static(AUTH_METHOD);
+
+/// Add the gateway's identity headers for `id` (the client's were removed by the caller).
+pub fn apply_headers(
+    req: &mut pingora_http::RequestHeader,
+    id: &Identity,
+    cfg: &IdentityConfig,
+) -> pingora_error::Result<()> {
     if let Some(c) = &id.consumer {
         if let Ok(v) = HeaderValue::from_str(c) {
-            let _ = req.insert_header(CONSUMER_ID, v);
+            req.insert_header(H_CONSUMER_ID, v)?;
         }
     }
-    if let Some(t) = tiers.get(id.tier) {
-        if let Ok(v) = HeaderValue::from_str(t) {
-            let _ = req.insert_header(CONSUMER_TIER, v);
-        }
+    if let Some(v) = cfg.tier_values.get(id.tier) {
+        req.insert_header(H_CONSUMER_TIER, v.clone())?;
     }
     if !id.roles.is_empty() {
         let joined = id.roles.iter().map(|r| &**r).collect::<Vec<_>>().join(",");
         if let Ok(v) = HeaderValue::from_str(&joined) {
-            let _ = req.insert_header(CONSUMER_ROLES, v);
+            req.insert_header(H_CONSUMER_ROLES, v)?;
         }
     }
-    let _ = req.insert_header(AUTH_METHOD, id.method.as_str());
+    req.insert_header(H_AUTH_METHOD, HeaderValue::from_static(id.method.as_str()))
+}
+
+/// The identity headers of an anonymous caller (no allocation).
+pub fn apply_anonymous(
+    req: &mut pingora_http::RequestHeader,
+    cfg: &IdentityConfig,
+) -> pingora_error::Result<()> {
+    if let Some(v) = cfg.tier_values.get(ANONYMOUS) {
+        req.insert_header(H_CONSUMER_TIER, v.clone())?;
+    }
+    req.insert_header(H_AUTH_METHOD, HeaderValue::from_static("none"))
 }
 
 /// Names of identity headers present in `headers` (any spelling).

@@ -1,6 +1,10 @@
-//! The admin listener: metrics, status, upstream health and reload. It is a separate pingora
-//! service on its own address, so nothing sent to it is ever routed upstream. It reads the
-//! serving snapshot and asks the control plane to reload; it never changes state itself.
+//! The admin listener: metrics, status, upstream health, reload, issued keys, the dashboard and
+//! its stats. It is a separate pingora service on its own address, so nothing sent to it is
+//! ever routed upstream. It reads the serving snapshot and asks the control plane to reload; it
+//! never changes state itself (issued keys live in Redis).
+//!
+//! `docs/admin-openapi.yaml` documents every endpoint in [`ENDPOINTS`]; the integration tests
+//! check the running server against it.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,6 +21,36 @@ use subtle::ConstantTimeEq;
 use crate::control::Control;
 use crate::identity::jwt::valid_id;
 use crate::store::StoreError;
+
+mod dashboard;
+mod stats;
+
+/// Every admin endpoint as (method, path template). Anything else is a JSON 404 (or 405 for a
+/// known path with another method).
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("GET", "/metrics"),
+    ("GET", "/admin/status"),
+    ("GET", "/admin/routes"),
+    ("GET", "/admin/upstreams"),
+    ("GET", "/admin/limits"),
+    ("GET", "/admin/stats"),
+    ("GET", "/admin/dashboard"),
+    ("POST", "/admin/reload"),
+    ("GET", "/admin/keys"),
+    ("POST", "/admin/keys"),
+    ("DELETE", "/admin/keys/{id}"),
+];
+
+/// The template in [`ENDPOINTS`] that `path` matches, if any.
+fn template(path: &str) -> Option<&'static str> {
+    if let Some(id) = path.strip_prefix("/admin/keys/") {
+        return (!id.is_empty() && !id.contains('/')).then_some("/admin/keys/{id}");
+    }
+    ENDPOINTS
+        .iter()
+        .map(|(_, t)| *t)
+        .find(|t| *t == path && !t.contains('{'))
+}
 
 pub struct Admin {
     pub control: Arc<Control>,
@@ -46,6 +80,7 @@ impl Admin {
             "config_generation": snap.generation,
             "last_reload": self.control.last_reload(),
             "health_probes": self.control.book.probe_count(),
+            "in_flight": crate::metrics::IN_FLIGHT.get(),
             "rate_limit": {
                 "mode": format!("{:?}", snap.limits.mode).to_lowercase(),
                 "on_failure": format!("{:?}", snap.limits.on_failure).to_lowercase(),
@@ -198,11 +233,11 @@ impl Admin {
             );
         };
         match (method, path.strip_prefix("/admin/keys").unwrap_or("")) {
-            (&Method::GET, "" | "/") => match shared.issued.list().await {
+            (&Method::GET, "") => match shared.issued.list().await {
                 Ok(keys) => json_response(200, json!({ "keys": keys })),
                 Err(e) => store_error(e),
             },
-            (&Method::POST, "" | "/") => {
+            (&Method::POST, "") => {
                 let Ok(body) = read_body(session, 64 * 1024).await else {
                     return error(413, "body_too_large", "at most 64 KiB");
                 };
@@ -260,7 +295,12 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();
-        if path.starts_with("/admin/") && !self.authorized(session) {
+        let endpoint = template(&path);
+        // Everything under /admin needs the token, known or not, except the dashboard page: it
+        // holds no data, and asks for the token itself.
+        let guarded = (path == "/admin" || path.starts_with("/admin/"))
+            && !(endpoint == Some("/admin/dashboard") && method == Method::GET);
+        if guarded && !self.authorized(session) {
             let mut r = error(
                 401,
                 "unauthorized",
@@ -272,18 +312,38 @@ impl ServeHttp for Admin {
             );
             return r;
         }
-        if path == "/admin/keys" || path.starts_with("/admin/keys/") {
+        let Some(endpoint) = endpoint else {
+            return error(404, "not_found", "no such admin endpoint");
+        };
+        if !ENDPOINTS
+            .iter()
+            .any(|(m, t)| *t == endpoint && *m == method.as_str())
+        {
+            let allow: Vec<&str> = ENDPOINTS
+                .iter()
+                .filter(|(_, t)| *t == endpoint)
+                .map(|(m, _)| *m)
+                .collect();
+            let allow = allow.join(", ");
+            let mut r = error(
+                405,
+                "method_not_allowed",
+                &format!("{endpoint} answers {allow}"),
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(http::header::ALLOW, v);
+            }
+            return r;
+        }
+        if endpoint.starts_with("/admin/keys") {
             return self.keys(session, &method, &path).await;
         }
-        match (method, path.as_str()) {
-            (Method::GET, "/metrics") => {
+        match endpoint {
+            "/metrics" => {
                 let encoder = TextEncoder::new();
                 let mut buf = Vec::new();
                 if encoder.encode(&prometheus::gather(), &mut buf).is_err() {
-                    return json_response(
-                        500,
-                        json!({"error": "internal_error", "message": "metrics encoding failed"}),
-                    );
+                    return error(500, "internal_error", "metrics encoding failed");
                 }
                 Response::builder()
                     .status(200)
@@ -292,24 +352,43 @@ impl ServeHttp for Admin {
                     .body(buf)
                     .unwrap_or_default()
             }
-            (Method::GET, "/admin/status") => json_response(200, self.status()),
-            (Method::GET, "/admin/upstreams") => json_response(200, self.upstreams()),
-            (Method::GET, "/admin/routes") => json_response(200, self.routes()),
-            (Method::GET, "/admin/limits") => json_response(200, self.limits()),
-            (Method::POST, "/admin/reload") => match self.control.request_reload().await {
+            "/admin/status" => json_response(200, self.status()),
+            "/admin/upstreams" => json_response(200, self.upstreams()),
+            "/admin/routes" => json_response(200, self.routes()),
+            "/admin/limits" => json_response(200, self.limits()),
+            "/admin/stats" => json_response(200, stats::stats(&self.control)),
+            "/admin/dashboard" => dashboard::response(),
+            "/admin/reload" => match self.control.request_reload().await {
                 Some(outcome) => {
                     let status = if outcome.ok { 200 } else { 422 };
                     json_response(status, json!(outcome))
                 }
-                None => json_response(
-                    503,
-                    json!({"error": "unavailable", "message": "control plane is not running"}),
-                ),
+                None => error(503, "unavailable", "control plane is not running"),
             },
-            _ => json_response(
-                404,
-                json!({"error": "not_found", "message": "no such admin endpoint"}),
-            ),
+            _ => error(404, "not_found", "no such admin endpoint"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_their_templates_only() {
+        assert_eq!(template("/admin/status"), Some("/admin/status"));
+        assert_eq!(template("/admin/keys"), Some("/admin/keys"));
+        assert_eq!(template("/admin/keys/key_1"), Some("/admin/keys/{id}"));
+        for undocumented in [
+            "/",
+            "/admin",
+            "/admin/",
+            "/admin/keys/",
+            "/admin/keys/a/b",
+            "/admin/status/",
+            "/metrics/",
+        ] {
+            assert_eq!(template(undocumented), None, "{undocumented}");
         }
     }
 }
