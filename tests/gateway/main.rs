@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod admin;
 mod balancing;
 mod health;
 mod hygiene;
