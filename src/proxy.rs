@@ -353,39 +353,9 @@ impl Gateway {
     }
 }
 
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = Ctx;
-
-    fn new_ctx(&self) -> Ctx {
-        metrics::IN_FLIGHT.inc();
-        Ctx {
-            snapshot: self.current.load_full(),
-            route: None,
-            tried: [0; MAX_ATTEMPTS],
-            tries: 0,
-            started: Instant::now(),
-            error: None,
-            identity: None,
-            limit: limit::Outcome::Unlimited,
-            current: None,
-            status_retry: false,
-            permits: (None, None),
-            body_bytes: 0,
-            body_started: None,
-            request_id: String::new(),
-            trace: None,
-            upstream_started: None,
-            upstream_took: None,
-        }
-    }
-
-    fn init_downstream_modules(&self, modules: &mut HttpModules) {
-        // Level 0 = off; routes turn it on per request.
-        modules.add_module(ResponseCompressionBuilder::enable(0));
-    }
-
-    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+impl Gateway {
+    /// `early_request_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
+    fn early_request_filter_now(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         // pingora's default keep-alive never times out (#447).
         if self.draining.load(Ordering::Relaxed) {
             session.set_keepalive(None);
@@ -424,6 +394,274 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// `request_body_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
+    fn request_body_filter_now(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let started = *ctx.body_started.get_or_insert_with(Instant::now);
+        if started.elapsed() > ctx.snapshot.server.body_timeout {
+            // A trickling body: the whole body must arrive within body_timeout.
+            ctx.error = Some(GatewayError::RequestTimeout);
+            return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
+        }
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        let max = ctx.route.and_then(|i| ctx.snapshot.routes[i].max_body);
+        if max.is_some_and(|m| ctx.body_bytes > m) {
+            ctx.error = Some(GatewayError::PayloadTooLarge);
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+        }
+        Ok(())
+    }
+
+    /// `upstream_response_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
+    fn upstream_response_filter_now(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_took = ctx.upstream_started.map(|t| t.elapsed());
+        self.record(ctx, breaker::Outcome::Status(status));
+        let retry_this = ctx
+            .upstream()
+            .is_some_and(|u| u.spec.retry_on.contains(&status))
+            && replayable(session)
+            && self.may_retry(ctx);
+        if retry_this {
+            // Not sent downstream yet: drop it and try another backend (see error_while_proxy).
+            ctx.status_retry = true;
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying a failed response");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `upstream_request_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
+    fn upstream_request_filter_now(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // pingora has already removed hop-by-hop headers and every header named in
+        // `Connection` (sanitize_h1_upstream_request) before this filter runs.
+        let snapshot = &ctx.snapshot;
+        // Identity: the client's identity headers are removed in every spelling, ours added.
+        for name in identity::spoofed(&upstream_request.headers) {
+            upstream_request.remove_header(&name);
+        }
+        match &ctx.identity {
+            // No authentication ran (auth: none): nothing to assert to the backend.
+            None if ctx
+                .route
+                .is_some_and(|i| snapshot.routes[i].auth.mode == identity::Mode::None) => {}
+            Some(id) => {
+                identity::apply_headers(upstream_request, id, &snapshot.identity)?;
+                if id.method == identity::Method::ApiKey {
+                    // The gateway consumed the key; the backend does not need it.
+                    upstream_request.remove_header(&snapshot.identity.key_header);
+                }
+            }
+            None => identity::apply_anonymous(upstream_request, &snapshot.identity)?,
+        }
+        if snapshot.server.request_id_header {
+            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+                upstream_request.insert_header(H_REQUEST_ID, v)?;
+            }
+        }
+        if let Some(t) = &ctx.trace {
+            upstream_request.insert_header(H_TRACEPARENT, t.header_value())?;
+        }
+
+        // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
+        // send origin-form to the (HTTP/1.1) backend.
+        let host = HeaderValue::from_bytes(request_host(upstream_request).as_bytes()).ok();
+        if upstream_request.headers.get(header::HOST).is_none() {
+            if let Some(h) = host.clone().filter(|h| !h.is_empty()) {
+                upstream_request.insert_header(header::HOST, h)?;
+            }
+        }
+        let route = ctx.route.map(|i| &snapshot.routes[i]);
+        let path = upstream_request.uri.path();
+        let new_path = route.and_then(|r| r.rewrite_path(path));
+        if new_path.is_some() || upstream_request.uri.authority().is_some() {
+            let path = new_path.as_deref().unwrap_or(upstream_request.uri.path());
+            let pq = match upstream_request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            if let Ok(uri) = pq.parse::<Uri>() {
+                upstream_request.set_uri(uri);
+            }
+        }
+
+        if !snapshot.server.forwarded_headers {
+            return Ok(());
+        }
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            use std::fmt::Write;
+            let prev = upstream_request
+                .headers
+                .get(H_XFF)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|p| !p.is_empty());
+            let mut xff = String::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
+            if let Some(p) = prev {
+                xff.push_str(p);
+                xff.push_str(", ");
+            }
+            let _ = write!(xff, "{}", addr.ip());
+            upstream_request.insert_header(H_XFF, xff)?;
+        }
+        // Set, never trusted from the client.
+        upstream_request.insert_header(H_XFP, HeaderValue::from_static("http"))?;
+        if let Some(h) = host {
+            upstream_request.insert_header(H_XFH, h)?;
+        }
+        Ok(())
+    }
+
+    /// `response_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
+    fn response_filter_now(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && session.is_upgrade_req();
+        clean_response(upstream_response, upgraded);
+        if ctx.snapshot.server.request_id_header {
+            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+                upstream_response.insert_header(H_REQUEST_ID, v)?;
+            }
+        }
+        for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
+            upstream_response.insert_header(name, value)?;
+        }
+        Ok(())
+    }
+
+    /// `logging`'s work, synchronous: the boxed future pingora allocates stays minimal.
+    fn logging_now(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        // A probe whose outcome never came (the client left first) gives its slot back.
+        if let Some(a) = ctx.current {
+            if a.probe && !a.recorded {
+                if let Some(u) = ctx.upstream() {
+                    u.backends[a.backend].breaker.release_probe();
+                }
+            }
+        }
+        metrics::IN_FLIGHT.dec();
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .or(ctx.error.map(GatewayError::status))
+            .unwrap_or(0);
+        let snapshot = &ctx.snapshot;
+        let total = ctx.started.elapsed();
+        let upstream = ctx.upstream_took.map(|d| d.as_secs_f64());
+        let method = session.req_header().method.clone();
+        let mi = method_index(&method);
+        let rm = ctx.route.unwrap_or(snapshot.routes.len());
+        if let Some(m) = snapshot.route_metrics.get(rm) {
+            m.observe(mi, status, total.as_secs_f64(), upstream);
+        }
+        if snapshot.server.access_log == observe::LogTarget::Off {
+            return;
+        }
+        let req = session.req_header();
+        let backend = ctx.current.and_then(|a| {
+            ctx.upstream()
+                .map(|u| u.spec.backends[a.backend].addr.to_string())
+        });
+        let (consumer, tier) = match &ctx.identity {
+            Some(id) => (
+                id.consumer.as_deref().map(str::to_string),
+                snapshot.identity.tiers.get(id.tier).map(|t| t.to_string()),
+            ),
+            None => (None, snapshot.identity.tiers.first().map(|t| t.to_string())),
+        };
+        let record = observe::AccessRecord {
+            time: observe::now_rfc3339(),
+            request_id: std::mem::take(&mut ctx.request_id),
+            trace_id: ctx.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default(),
+            method: method.as_str().to_string(),
+            path: req.uri.path().chars().take(2048).collect(),
+            route: ctx
+                .route
+                .map(|i| snapshot.routes[i].name.to_string())
+                .unwrap_or_default(),
+            status,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            total_ms: total.as_secs_f64() * 1000.0,
+            upstream_ms: upstream.map(|s| s * 1000.0),
+            backend,
+            consumer,
+            tier,
+            rate_limit: match ctx.limit {
+                limit::Outcome::Unlimited => "none",
+                limit::Outcome::Decided { decision, .. } if decision.allowed => "allowed",
+                limit::Outcome::Decided { .. } => "limited",
+                limit::Outcome::Unavailable => "unavailable",
+            },
+            cache: "none",
+            retries: ctx.tries.saturating_sub(1),
+            error: ctx.error.map(GatewayError::code),
+        };
+        observe::log(&snapshot.server.access_log, record);
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        metrics::IN_FLIGHT.inc();
+        Ctx {
+            snapshot: self.current.load_full(),
+            route: None,
+            tried: [0; MAX_ATTEMPTS],
+            tries: 0,
+            started: Instant::now(),
+            error: None,
+            identity: None,
+            limit: limit::Outcome::Unlimited,
+            current: None,
+            status_retry: false,
+            permits: (None, None),
+            body_bytes: 0,
+            body_started: None,
+            request_id: String::new(),
+            trace: None,
+            upstream_started: None,
+            upstream_took: None,
+        }
+    }
+
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        // Level 0 = off; routes turn it on per request.
+        modules.add_module(ResponseCompressionBuilder::enable(0));
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        self.early_request_filter_now(session, ctx)
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let err = self.admit(session, ctx).await.err();
         match err {
@@ -450,19 +688,7 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let started = *ctx.body_started.get_or_insert_with(Instant::now);
-        if started.elapsed() > ctx.snapshot.server.body_timeout {
-            // A trickling body: the whole body must arrive within body_timeout.
-            ctx.error = Some(GatewayError::RequestTimeout);
-            return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
-        }
-        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-        let max = ctx.route.and_then(|i| ctx.snapshot.routes[i].max_body);
-        if max.is_some_and(|m| ctx.body_bytes > m) {
-            ctx.error = Some(GatewayError::PayloadTooLarge);
-            return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
-        }
-        Ok(())
+        self.request_body_filter_now(_session, body, _end_of_stream, ctx)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -580,22 +806,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let status = upstream_response.status.as_u16();
-        ctx.upstream_took = ctx.upstream_started.map(|t| t.elapsed());
-        self.record(ctx, breaker::Outcome::Status(status));
-        let retry_this = ctx
-            .upstream()
-            .is_some_and(|u| u.spec.retry_on.contains(&status))
-            && replayable(session)
-            && self.may_retry(ctx);
-        if retry_this {
-            // Not sent downstream yet: drop it and try another backend (see error_while_proxy).
-            ctx.status_retry = true;
-            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retrying a failed response");
-            e.set_retry(true);
-            return Err(e);
-        }
-        Ok(())
+        self.upstream_response_filter_now(session, upstream_response, ctx)
     }
 
     fn error_while_proxy(
@@ -647,83 +858,7 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // pingora has already removed hop-by-hop headers and every header named in
-        // `Connection` (sanitize_h1_upstream_request) before this filter runs.
-        let snapshot = &ctx.snapshot;
-        // Identity: the client's identity headers are removed in every spelling, ours added.
-        for name in identity::spoofed(&upstream_request.headers) {
-            upstream_request.remove_header(&name);
-        }
-        match &ctx.identity {
-            // No authentication ran (auth: none): nothing to assert to the backend.
-            None if ctx
-                .route
-                .is_some_and(|i| snapshot.routes[i].auth.mode == identity::Mode::None) => {}
-            Some(id) => {
-                identity::apply_headers(upstream_request, id, &snapshot.identity)?;
-                if id.method == identity::Method::ApiKey {
-                    // The gateway consumed the key; the backend does not need it.
-                    upstream_request.remove_header(&snapshot.identity.key_header);
-                }
-            }
-            None => identity::apply_anonymous(upstream_request, &snapshot.identity)?,
-        }
-        if snapshot.server.request_id_header {
-            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-                upstream_request.insert_header(H_REQUEST_ID, v)?;
-            }
-        }
-        if let Some(t) = &ctx.trace {
-            upstream_request.insert_header(H_TRACEPARENT, t.header_value())?;
-        }
-
-        // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
-        // send origin-form to the (HTTP/1.1) backend.
-        let host = HeaderValue::from_bytes(request_host(upstream_request).as_bytes()).ok();
-        if upstream_request.headers.get(header::HOST).is_none() {
-            if let Some(h) = host.clone().filter(|h| !h.is_empty()) {
-                upstream_request.insert_header(header::HOST, h)?;
-            }
-        }
-        let route = ctx.route.map(|i| &snapshot.routes[i]);
-        let path = upstream_request.uri.path();
-        let new_path = route.and_then(|r| r.rewrite_path(path));
-        if new_path.is_some() || upstream_request.uri.authority().is_some() {
-            let path = new_path.as_deref().unwrap_or(upstream_request.uri.path());
-            let pq = match upstream_request.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            };
-            if let Ok(uri) = pq.parse::<Uri>() {
-                upstream_request.set_uri(uri);
-            }
-        }
-
-        if !snapshot.server.forwarded_headers {
-            return Ok(());
-        }
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            use std::fmt::Write;
-            let prev = upstream_request
-                .headers
-                .get(H_XFF)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|p| !p.is_empty());
-            let mut xff = String::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
-            if let Some(p) = prev {
-                xff.push_str(p);
-                xff.push_str(", ");
-            }
-            let _ = write!(xff, "{}", addr.ip());
-            upstream_request.insert_header(H_XFF, xff)?;
-        }
-        // Set, never trusted from the client.
-        upstream_request.insert_header(H_XFP, HeaderValue::from_static("http"))?;
-        if let Some(h) = host {
-            upstream_request.insert_header(H_XFH, h)?;
-        }
-        Ok(())
+        self.upstream_request_filter_now(session, upstream_request, ctx)
     }
 
     async fn response_filter(
@@ -732,18 +867,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
-            && session.is_upgrade_req();
-        clean_response(upstream_response, upgraded);
-        if ctx.snapshot.server.request_id_header {
-            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-                upstream_response.insert_header(H_REQUEST_ID, v)?;
-            }
-        }
-        for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
-            upstream_response.insert_header(name, value)?;
-        }
-        Ok(())
+        self.response_filter_now(session, upstream_response, ctx)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -775,78 +899,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        // A probe whose outcome never came (the client left first) gives its slot back.
-        if let Some(a) = ctx.current {
-            if a.probe && !a.recorded {
-                if let Some(u) = ctx.upstream() {
-                    u.backends[a.backend].breaker.release_probe();
-                }
-            }
-        }
-        metrics::IN_FLIGHT.dec();
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .or(ctx.error.map(GatewayError::status))
-            .unwrap_or(0);
-        let snapshot = &ctx.snapshot;
-        let total = ctx.started.elapsed();
-        let upstream = ctx.upstream_took.map(|d| d.as_secs_f64());
-        let method = session.req_header().method.clone();
-        let mi = method_index(&method);
-        let rm = ctx.route.unwrap_or(snapshot.routes.len());
-        if let Some(m) = snapshot.route_metrics.get(rm) {
-            m.observe(mi, status, total.as_secs_f64(), upstream);
-        }
-        if snapshot.server.access_log == observe::LogTarget::Off {
-            return;
-        }
-        let req = session.req_header();
-        let backend = ctx.current.and_then(|a| {
-            ctx.upstream()
-                .map(|u| u.spec.backends[a.backend].addr.to_string())
-        });
-        let (consumer, tier) = match &ctx.identity {
-            Some(id) => (
-                id.consumer.as_deref().map(str::to_string),
-                snapshot.identity.tiers.get(id.tier).map(|t| t.to_string()),
-            ),
-            None => (None, snapshot.identity.tiers.first().map(|t| t.to_string())),
-        };
-        let record = observe::AccessRecord {
-            time: observe::now_rfc3339(),
-            request_id: std::mem::take(&mut ctx.request_id),
-            trace_id: ctx.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
-            client: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default(),
-            method: method.as_str().to_string(),
-            path: req.uri.path().chars().take(2048).collect(),
-            route: ctx
-                .route
-                .map(|i| snapshot.routes[i].name.to_string())
-                .unwrap_or_default(),
-            status,
-            bytes_in: session.body_bytes_read(),
-            bytes_out: session.body_bytes_sent(),
-            total_ms: total.as_secs_f64() * 1000.0,
-            upstream_ms: upstream.map(|s| s * 1000.0),
-            backend,
-            consumer,
-            tier,
-            rate_limit: match ctx.limit {
-                limit::Outcome::Unlimited => "none",
-                limit::Outcome::Decided { decision, .. } if decision.allowed => "allowed",
-                limit::Outcome::Decided { .. } => "limited",
-                limit::Outcome::Unavailable => "unavailable",
-            },
-            cache: "none",
-            retries: ctx.tries.saturating_sub(1),
-            error: ctx.error.map(GatewayError::code),
-        };
-        observe::log(&snapshot.server.access_log, record);
+        self.logging_now(session, _e, ctx)
     }
 }
 
