@@ -28,9 +28,14 @@ pub struct Config {
     /// `JWT_ISSUER` (default `tollgate-demo`) and `JWT_AUDIENCE` (default `tollgate`).
     pub jwt_issuer: String,
     pub jwt_audience: String,
-    /// `EXTERNAL_FAIL_RATE` and `EXTERNAL_STALL_RATE`, each in 0..=1 (default 0).
+    /// `EXTERNAL_FAIL_RATE` and `EXTERNAL_STALL_RATE`, each in 0..=1 (default 0): the rates
+    /// `/api/v1/external` starts with.
     pub external_fail_rate: f64,
     pub external_stall_rate: f64,
+    /// `EXTERNAL_CONTROL` (`1`/`true`, default off): serve `GET`/`PUT /api/v1/external/mode`,
+    /// which read and change those rates at runtime (for demos and tests of the gateway's
+    /// breaker). Off, the route does not exist.
+    pub external_control: bool,
     /// `STARTUP_TIMEOUT_SECS`: how long to wait for Postgres and Redis at start, default 30.
     pub startup_timeout: Duration,
     /// `SHUTDOWN_GRACE_SECS`: how long in-flight requests and the event worker get, default 10.
@@ -83,6 +88,7 @@ impl Config {
         let grace = parse(&get, &mut errors, "SHUTDOWN_GRACE_SECS", Some(10u64));
         let fail_rate = rate(&get, &mut errors, "EXTERNAL_FAIL_RATE");
         let stall_rate = rate(&get, &mut errors, "EXTERNAL_STALL_RATE");
+        let external_control = flag(&get, &mut errors, "EXTERNAL_CONTROL");
 
         if !errors.is_empty() {
             return Err(ConfigError(errors));
@@ -101,6 +107,7 @@ impl Config {
             jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "tollgate".to_string()),
             external_fail_rate: fail_rate,
             external_stall_rate: stall_rate,
+            external_control,
             startup_timeout: Duration::from_secs(startup.unwrap_or(30)),
             shutdown_grace: Duration::from_secs(grace.unwrap_or(10)),
         })
@@ -138,6 +145,19 @@ fn rate(get: &impl Fn(&str) -> Option<String>, errors: &mut Vec<String>, key: &s
     }
 }
 
+/// A boolean: `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off` (any case), default false.
+fn flag(get: &impl Fn(&str) -> Option<String>, errors: &mut Vec<String>, key: &str) -> bool {
+    let Some(raw) = get(key) else { return false };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => true,
+        "0" | "false" | "no" | "off" => false,
+        _ => {
+            errors.push(format!("{key}: expected 1/true or 0/false, got {raw:?}"));
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +185,7 @@ mod tests {
         assert_eq!(c.jwt_audience, "tollgate");
         assert_eq!(c.port, 3000);
         assert_eq!(c.external_fail_rate, 0.0);
+        assert!(!c.external_control);
     }
 
     #[test]
@@ -175,12 +196,14 @@ mod tests {
             ("EXTERNAL_FAIL_RATE", "0.25"),
             ("EXTERNAL_STALL_RATE", "1"),
             ("PORT", "0"),
+            ("EXTERNAL_CONTROL", "True"),
         ]);
         let c = Config::from_lookup(lookup(&pairs)).unwrap();
         assert_eq!(c.database_read_url, "postgres://r");
         assert_eq!(c.external_fail_rate, 0.25);
         assert_eq!(c.external_stall_rate, 1.0);
         assert_eq!(c.port, 0);
+        assert!(c.external_control);
     }
 
     #[test]
@@ -189,6 +212,7 @@ mod tests {
             ("PORT", "http"),
             ("EXTERNAL_FAIL_RATE", "1.5"),
             ("DATABASE_POOL_SIZE", "0"),
+            ("EXTERNAL_CONTROL", "maybe"),
         ]))
         .unwrap_err();
         let text = err.to_string();
@@ -199,6 +223,7 @@ mod tests {
             "PORT: cannot parse",
             "EXTERNAL_FAIL_RATE must be between 0 and 1",
             "DATABASE_POOL_SIZE must be at least 1",
+            "EXTERNAL_CONTROL: expected 1/true or 0/false",
         ] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }

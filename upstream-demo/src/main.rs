@@ -40,7 +40,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const MAX_BODY: usize = 256 * 1024;
 
 fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/health", get(health::health))
         .route("/api/v1/status", get(health::status))
         .route("/api/v1/auth/login", post(auth::login))
@@ -60,7 +60,14 @@ fn router(state: AppState) -> Router {
             post(events::api::accept).layer(DefaultBodyLimit::max(events::api::MAX_EVENT_BYTES)),
         )
         .route("/api/v1/events/{id}", get(events::api::status))
-        .route("/api/v1/external", get(external::external))
+        .route("/api/v1/external", get(external::external));
+    if state.config.external_control {
+        router = router.route(
+            "/api/v1/external/mode",
+            get(external::get_mode).put(external::put_mode),
+        );
+    }
+    router
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -113,6 +120,10 @@ async fn run() -> Result<(), BoxError> {
         signer: Arc::new(signer),
         started: std::time::Instant::now(),
         started_at: chrono::Utc::now(),
+        external: Arc::new(external::Rates::new(
+            config.external_fail_rate,
+            config.external_stall_rate,
+        )),
     };
 
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(config.host, config.port))

@@ -1,5 +1,5 @@
 //! What every handler shares: the config, both database pools, the Redis connection, the JWT
-//! signing key and the start time. Built once in `main`, cloned cheaply per request.
+//! signing key, the start time and `/api/v1/external`'s current rates. Built once in `main`, cloned cheaply per request.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,6 +9,7 @@ use redis::aio::ConnectionManager;
 use crate::auth::TokenSigner;
 use crate::config::Config;
 use crate::db::Db;
+use crate::external::Rates;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -20,4 +21,6 @@ pub struct AppState {
     pub signer: Arc<TokenSigner>,
     pub started: Instant,
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Start from the config; changed by `PUT /api/v1/external/mode` when enabled.
+    pub external: Arc<Rates>,
 }

@@ -1,5 +1,5 @@
 //! Process-level behaviour: /health follows Redis, concurrent starts migrate once, a SIGTERM
-//! loses no accepted event, and /external fails or stalls as configured.
+//! loses no accepted event, and /external fails or stalls as configured (or as told at runtime).
 
 use std::time::Duration;
 
@@ -267,10 +267,15 @@ async fn three_instances_start_together_on_a_fresh_database() {
 async fn external_fails_and_stalls_as_configured() {
     let stack = Stack::start();
     let http = reqwest::Client::new();
-    let (ok, failing, stalling) = tokio::join!(
+    let (ok, failing, stalling, controlled) = tokio::join!(
         Demo::start(&stack, "ok", &[]),
         Demo::start(&stack, "failing", &[("EXTERNAL_FAIL_RATE", "1")]),
         Demo::start(&stack, "stalling", &[("EXTERNAL_STALL_RATE", "1")]),
+        Demo::start(
+            &stack,
+            "controlled",
+            &[("EXTERNAL_CONTROL", "1"), ("EXTERNAL_FAIL_RATE", "1")]
+        ),
     );
     for _ in 0..5 {
         let r = http.get(ok.url("/api/v1/external")).send().await.unwrap();
@@ -293,4 +298,66 @@ async fn external_fails_and_stalls_as_configured() {
         r.is_err_and(|e| e.is_timeout()),
         "a stalled call outlives a 2 s timeout"
     );
+
+    // Without EXTERNAL_CONTROL the mode route does not exist.
+    for method in [reqwest::Method::GET, reqwest::Method::PUT] {
+        let r = http
+            .request(method.clone(), ok.url("/api/v1/external/mode"))
+            .json(&json!({"failRate": 0, "stallRate": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{method}");
+    }
+
+    // With it: the start rates are shown, and a PUT changes what the next calls do.
+    let mode_url = controlled.url("/api/v1/external/mode");
+    let v: Value = http
+        .get(&mode_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v,
+        json!({"failRate": 1.0, "stallRate": 0.0, "instanceId": "controlled"})
+    );
+    let external = controlled.url("/api/v1/external");
+    for _ in 0..3 {
+        let status = http.get(&external).send().await.unwrap().status();
+        assert!(status == 500 || status == 503, "{status}");
+    }
+    let r = http
+        .put(&mode_url)
+        .json(&json!({"failRate": 0, "stallRate": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["failRate"].as_f64(), v["stallRate"].as_f64()),
+        (Some(0.0), Some(0.0))
+    );
+    for _ in 0..5 {
+        let r = http.get(&external).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["outcome"], "ok");
+    }
+    // Bad bodies change nothing.
+    for body in [
+        json!({"failRate": 1.5, "stallRate": 0}),
+        json!({"failRate": -0.1, "stallRate": 0}),
+        json!({"failRate": 1}),
+        json!({"failRate": 1, "stallRate": 0, "extra": true}),
+        json!([1, 0]),
+    ] {
+        let r = http.put(&mode_url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 422, "{body}");
+    }
+    let status = http.get(&external).send().await.unwrap().status();
+    assert_eq!(status, 200, "a refused PUT left the rates alone");
 }
