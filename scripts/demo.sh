@@ -7,11 +7,14 @@
 # Starts a private PostgreSQL (127.0.0.1:$PG_PORT, default 55432) and redis-server
 # (127.0.0.1:$REDIS_PORT, default 56379) under run/ (gitignored), three upstream-demo instances on
 # 127.0.0.1:3001-3003 (demo-1..3), and the gateway on :8080 (admin 127.0.0.1:9090) with
-# conf/demo.yaml. Installs missing packages with apt-get when run as root on Debian/Ubuntu, builds
-# both binaries in release mode (honours CARGO_TARGET_DIR), generates an RSA key pair for JWTs in
-# run/jwt/ if absent. Running it again reuses the database cluster and the keys.
+# conf/demo.yaml (a copy in run/ when REDIS_PORT is not the default). Installs missing packages
+# with apt-get when run as root on Debian/Ubuntu, builds both binaries in release mode (honours
+# CARGO_TARGET_DIR), generates an RSA key pair for JWTs in run/jwt/ if absent. Running it again
+# reuses the database cluster and the keys.
 #
-# Other knobs: EXTERNAL_FAIL_RATE / EXTERNAL_STALL_RATE (default 0.2 / 0.05) for /api/v1/external.
+# Other knobs: EXTERNAL_FAIL_RATE / EXTERNAL_STALL_RATE (default 0.2 / 0.05) for /api/v1/external
+# (changeable while running: PUT 127.0.0.1:300N/api/v1/external/mode, shown below);
+# TOLLGATE_ADMIN_TOKEN (default demo-admin-token-not-secret) for the admin API.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,6 +26,8 @@ DEMO_PORTS=(3001 3002 3003)
 GATEWAY=127.0.0.1:8080
 ADMIN=127.0.0.1:9090
 READY_TIMEOUT=${READY_TIMEOUT:-90}
+# conf/demo.yaml reads the admin token from this variable (admin.token_env).
+export TOLLGATE_ADMIN_TOKEN=${TOLLGATE_ADMIN_TOKEN:-demo-admin-token-not-secret}
 run=$root/run
 logs=$run/logs
 pids=$run/pids
@@ -183,7 +188,7 @@ for i in 1 2 3; do
     say "upstream-demo demo-$i on 127.0.0.1:$port"
     start "upstream-demo-$i" env HOST=127.0.0.1 PORT="$port" INSTANCE_ID="demo-$i" \
         DATABASE_URL="$database_url" REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-        JWT_PRIVATE_KEY="$run/jwt/private.pem" \
+        JWT_PRIVATE_KEY="$run/jwt/private.pem" EXTERNAL_CONTROL=1 \
         EXTERNAL_FAIL_RATE="${EXTERNAL_FAIL_RATE:-0.2}" EXTERNAL_STALL_RATE="${EXTERNAL_STALL_RATE:-0.05}" \
         RUST_LOG="${RUST_LOG:-info,sqlx=warn}" "$demo"
 done
@@ -193,18 +198,29 @@ for i in 1 2 3; do
         curl -sf -m 2 "http://127.0.0.1:$port/health"
 done
 
-say "tollgate on $GATEWAY (admin $ADMIN) with conf/demo.yaml"
-"$tollgate" -t -c conf/demo.yaml >/dev/null
-start tollgate "$tollgate" -c conf/demo.yaml
+# conf/demo.yaml names the default Redis port; another REDIS_PORT runs a copy in run/ (its
+# relative JWT key path, ../run/jwt/public.pem, resolves to the same file from there).
+config=conf/demo.yaml
+if [ "$REDIS_PORT" != 56379 ]; then
+    config=$run/demo.yaml
+    sed "s#redis://127\.0\.0\.1:56379#redis://127.0.0.1:$REDIS_PORT#" conf/demo.yaml >"$config"
+    grep -q "redis://127.0.0.1:$REDIS_PORT\"" "$config" || die "could not set the Redis port in $config"
+fi
+say "tollgate on $GATEWAY (admin $ADMIN) with $config"
+"$tollgate" -t -c "$config" >/dev/null
+start tollgate "$tollgate" -c "$config"
 wait_for "tollgate (see $logs/tollgate.log)" curl -sf -m 2 "http://$GATEWAY/api/v1/status"
 
 # --- ready: show it working -------------------------------------------------------------------------
 login='{"email":"admin@example.com","password":"admin123"}'
+api_key=tg_demo_partner_key_not_secret    # the YAML consumer `partner` (tier pro) in conf/demo.yaml
+admin_auth="Authorization: Bearer $TOLLGATE_ADMIN_TOKEN"
 cat <<EOF
 
 Tollgate demo is up.
   gateway        http://$GATEWAY          (every request below goes through it)
   admin          http://$ADMIN/admin/status   http://$ADMIN/metrics
+                 /admin/* needs: -H '$admin_auth'
   upstream-demo  http://127.0.0.1:3001  http://127.0.0.1:3002  http://127.0.0.1:3003
   postgres       $database_url
   redis          redis://127.0.0.1:$REDIS_PORT
@@ -214,11 +230,18 @@ Try:
   TOKEN=\$(curl -s $GATEWAY/api/v1/auth/login -H 'content-type: application/json' \\
             -d '$login' | sed 's/.*"token":"\([^"]*\)".*/\1/')
   curl -s $GATEWAY/api/v1/me -H "Authorization: Bearer \$TOKEN"
+  curl -s $GATEWAY/api/v1/me -H "X-API-Key: $api_key"
   curl -s '$GATEWAY/api/v1/resources?per_page=2&fields=id,name'
+  curl -s -i -XPOST $GATEWAY/api/v1/resources -H 'content-type: application/json' -d '{"name":"x"}'   # 401
+  curl -s -XPOST $GATEWAY/api/v1/resources -H "Authorization: Bearer \$TOKEN" -H 'content-type: application/json' -d '{"name":"x"}'
   for i in \$(seq 10); do curl -s $GATEWAY/api/v1/status; echo; done
+  for i in \$(seq 110); do curl -s -o /dev/null -w '%{http_code} ' $GATEWAY/api/v1/status; done   # 429s
   curl -s -XPOST $GATEWAY/api/v1/events -H 'Idempotency-Key: order-42' -H 'content-type: application/json' -d '{"type":"order"}'
-  curl -s $ADMIN/admin/status
+  curl -s $ADMIN/admin/status -H '$admin_auth'
   curl -s -i $GATEWAY/api/v1/external      # fails or stalls now and then: watch the breaker
+  for p in ${DEMO_PORTS[*]}; do curl -s -XPUT 127.0.0.1:\$p/api/v1/external/mode -H 'content-type: application/json' \\
+      -d '{"failRate":1,"stallRate":0}'; echo; done   # make it fail everywhere: the breakers open
+  curl -s $ADMIN/admin/upstreams -H '$admin_auth'    # breaker: open, then closed after a PUT of 0
 
 Smoke test (the same calls, run now):
 EOF
@@ -229,6 +252,7 @@ token=$(curl -sf "http://$GATEWAY/api/v1/auth/login" -H 'content-type: applicati
 echo "  login            token ${token:0:24}..."
 echo "  me               $(curl -s "http://$GATEWAY/api/v1/me" -H "Authorization: Bearer $token")"
 echo "  me (no token)    $(curl -s -o /dev/null -w '%{http_code}' "http://$GATEWAY/api/v1/me")"
+echo "  me (api key)     $(curl -s "http://$GATEWAY/api/v1/me" -H "X-API-Key: $api_key")"
 echo "  resources        $(curl -s "http://$GATEWAY/api/v1/resources?per_page=2&fields=id,name")"
 echo -n "  status x10       "
 for _ in $(seq 10); do
@@ -239,7 +263,7 @@ key="demo-$(date +%s)-$$"
 event=$(curl -s -XPOST "http://$GATEWAY/api/v1/events" -H "Idempotency-Key: $key" \
     -H 'content-type: application/json' -d '{"type":"demo"}')
 echo "  event            $event"
-echo "  admin status     $(curl -s "http://$ADMIN/admin/status" | head -c 300)"
+echo "  admin status     $(curl -s "http://$ADMIN/admin/status" -H "$admin_auth" | head -c 300)"
 echo
 
 if [ "${DEMO_EXIT_AFTER_READY:-0}" = "1" ]; then
