@@ -291,7 +291,11 @@ impl Keys {
     }
 
     pub fn public_pem(&self) -> Vec<u8> {
-        std::fs::read(self.dir.path().join("public.pem")).expect("public.pem")
+        std::fs::read(self.public_pem_path()).expect("public.pem")
+    }
+
+    pub fn public_pem_path(&self) -> PathBuf {
+        self.dir.path().join("public.pem")
     }
 }
 
