@@ -34,6 +34,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::breaker;
+use crate::config::schema::UnderscoreHeaders;
 use crate::error::{self, GatewayError};
 use crate::identity::{self, Identity};
 use crate::limit::{self, Limiter};
@@ -259,13 +260,18 @@ impl Gateway {
         if req.raw_path().len() > snapshot.server.max_uri_bytes {
             return Err(GatewayError::UriTooLong);
         }
-        let header_bytes: usize = req
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum();
-        if header_bytes > snapshot.server.max_header_bytes {
+        let (mut header_bytes, mut underscores) = (0usize, false);
+        for (k, v) in req.headers.iter() {
+            header_bytes += k.as_str().len() + v.len() + 4;
+            underscores |= k.as_str().contains('_');
+        }
+        if header_bytes > snapshot.server.max_header_bytes
+            || req.headers.len() > snapshot.server.max_headers
+        {
             return Err(GatewayError::HeadersTooLarge);
+        }
+        if underscores && snapshot.server.underscore_headers == UnderscoreHeaders::Reject {
+            return Err(GatewayError::BadRequest);
         }
         let route = ctx
             .route
@@ -453,7 +459,17 @@ impl Gateway {
         // `Connection` (sanitize_h1_upstream_request) before this filter runs.
         let snapshot = &ctx.snapshot;
         // Identity: the client's identity headers are removed in every spelling, ours added.
-        for name in identity::spoofed(&upstream_request.headers) {
+        let drop_underscores = snapshot.server.underscore_headers == UnderscoreHeaders::Drop;
+        let unwanted: Vec<HeaderName> = upstream_request
+            .headers
+            .keys()
+            .filter(|k| {
+                identity::is_identity_header(k.as_str())
+                    || (drop_underscores && k.as_str().contains('_'))
+            })
+            .cloned()
+            .collect();
+        for name in unwanted {
             upstream_request.remove_header(&name);
         }
         match &ctx.identity {

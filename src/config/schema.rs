@@ -71,6 +71,12 @@ pub struct ServerSection {
     /// Request target length limit (414 beyond it).
     #[serde(default = "default_max_uri", deserialize_with = "size")]
     pub max_uri_bytes: u64,
+    /// Most request header fields accepted (431 beyond it).
+    #[serde(default = "default_max_headers")]
+    pub max_headers: i64,
+    /// Header names with `_`: `drop` (default, as NGINX does), `allow`, or `reject` (400).
+    #[serde(default)]
+    pub underscore_headers: UnderscoreHeaders,
     /// Add X-Forwarded-For / -Proto / -Host to upstream requests.
     #[serde(default = "yes")]
     pub forwarded_headers: bool,
@@ -675,6 +681,18 @@ fn default_sync() -> Duration {
     Duration::from_millis(100)
 }
 
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    #[default]
+    Drop,
+    Allow,
+    Reject,
+}
+
+fn default_max_headers() -> i64 {
+    100
+}
 fn default_access_log() -> String {
     "stdout".into()
 }

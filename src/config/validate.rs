@@ -65,6 +65,8 @@ pub struct ServerSettings {
     pub forwarded_headers: bool,
     pub request_id_header: bool,
     pub trace_context: bool,
+    pub max_headers: usize,
+    pub underscore_headers: schema::UnderscoreHeaders,
 }
 
 struct Check {
@@ -272,6 +274,8 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
             256,
             1 << 20,
         ),
+        max_headers: c.range("server.max_headers".into(), s.max_headers, 8, 10_000),
+        underscore_headers: s.underscore_headers,
         forwarded_headers: s.forwarded_headers,
         request_id_header: s.request_id_header,
         trace_context: s.trace_context,

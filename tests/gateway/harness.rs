@@ -124,6 +124,7 @@ async fn handle(State(s): State<Arc<MockState>>, req: Request) -> Response {
         .status(status)
         .header("content-type", "text/plain")
         .header("x-instance", s.name.as_str())
+        .header("server", "mock/1.0 (internal build 42)")
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "must-not-reach-client")
         .header("keep-alive", "timeout=30")

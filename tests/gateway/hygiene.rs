@@ -30,6 +30,10 @@ async fn forwarded_headers_and_hop_by_hop_removal() {
     assert_eq!(resp.status(), 200);
     // Response side: Connection-named and hop-by-hop headers are gone.
     assert!(resp.headers().get("x-hop").is_none());
+    assert!(
+        resp.headers().get("server").is_none(),
+        "the upstream's Server header leaked"
+    );
     assert!(resp.headers().get("keep-alive").is_none());
     assert_eq!(
         resp.headers().get("x-instance").map(|v| v.as_bytes()),
@@ -151,4 +155,52 @@ async fn idle_keepalive_connections_are_closed() {
     .await;
     assert!(closed.is_ok(), "idle connection still open after 10 s");
     assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_headers_and_header_counts() {
+    let a = MockUpstream::start("a").await;
+    let body = format!(
+        "upstreams:\n{}routes:\n  - {{ name: r, upstream: u }}\n",
+        upstream_yaml("u", &[&a], "")
+    );
+    let gw = Gateway::start_with(&body, "  max_headers: 20\n").await;
+    let client = http();
+    let r = client
+        .get(gw.url("/x"))
+        .header("x_custom", "1")
+        .header("x-normal", "2")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let seen = a.last_seen();
+    assert!(
+        !seen.headers.contains_key("x_custom"),
+        "underscore header forwarded by default"
+    );
+    assert!(seen.headers.contains_key("x-normal"));
+    let mut many = client.get(gw.url("/x"));
+    for i in 0..30 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    let r = many.send().await.expect("send");
+    assert_eq!(r.status(), 431);
+    // reject mode: 400 JSON.
+    gw.write_raw(
+        &std::fs::read_to_string(&gw.config_path)
+            .expect("read")
+            .replace("max_headers: 20", "underscore_headers: reject"),
+    );
+    let s = gw.sighup_and_wait().await;
+    assert_eq!(s["last_reload"]["ok"], true, "{s}");
+    let r = client
+        .get(gw.url("/x"))
+        .header("x_custom", "1")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "bad_request");
 }
