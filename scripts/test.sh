@@ -30,4 +30,6 @@ for f in conf/tollgate.yaml conf/examples/*.yaml; do
 done
 echo "== tests"
 cargo test --locked --workspace --all-targets
+echo "== dependency audit (cargo-deny, offline advisory snapshot)"
+scripts/audit.sh
 echo "== all checks passed"

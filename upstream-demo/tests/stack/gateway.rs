@@ -94,8 +94,11 @@ pub struct Gateway {
 }
 
 pub fn http() -> reqwest::Client {
+    // `--workspace` builds unify features: the gateway's tests turn reqwest's gzip on, which
+    // would decompress bodies and hide Content-Encoding from the compression check.
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .no_gzip()
         .no_proxy()
         .build()
         .expect("HTTP client")
