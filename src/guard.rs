@@ -25,9 +25,22 @@ use tokio::time::{Instant, Sleep};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
+/// Where the scanner stands inside a header section.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scan {
+    /// Line number within the section (0 = request line).
+    line: u32,
+    /// Bytes on the current line, CR excluded.
+    len: u32,
+    /// Spaces seen on the request line.
+    spaces: u8,
+    /// The previous byte was CR.
+    cr: bool,
+}
+
 enum Phase {
-    /// Reading a header section; `matched` counts bytes of "\r\n\r\n" seen at the end so far.
-    Header { matched: u8 },
+    /// Reading a header section.
+    Header(Scan),
     /// Headers done; the next read after a write starts a new header section.
     Rest { responded: bool },
     /// HTTP/2: not our business.
@@ -42,6 +55,9 @@ pub struct HeaderDeadline {
     timer: Pin<Box<Sleep>>,
     armed: bool,
     first: bool,
+    /// The current request broke the message syntax in a way pingora would repair or read
+    /// differently from a backend (control bytes in the target, bare CR, NUL, obs-fold).
+    pub malformed: bool,
 }
 
 impl HeaderDeadline {
@@ -49,10 +65,11 @@ impl HeaderDeadline {
         Self {
             inner,
             timeout,
-            phase: Phase::Header { matched: 0 },
+            phase: Phase::Header(Scan::default()),
             timer: Box::pin(tokio::time::sleep(timeout)),
             armed: true,
             first: true,
+            malformed: false,
         }
     }
 
@@ -75,28 +92,51 @@ impl HeaderDeadline {
             // A new request on a kept-alive connection. Its deadline is armed only if its header
             // section does not arrive in this read (see below): whole headers in one read — the
             // common case — cost no timer at all.
-            self.phase = Phase::Header { matched: 0 };
+            self.phase = Phase::Header(Scan::default());
+            self.malformed = false;
         }
-        if let Phase::Header { matched } = &mut self.phase {
-            const END: &[u8; 4] = b"\r\n\r\n";
-            let mut m = *matched as usize;
+        if let Phase::Header(scan) = &mut self.phase {
+            let mut s = *scan;
+            let mut bad = false;
             for &b in bytes {
-                m = if b == END[m] {
-                    m + 1
-                } else if b == b'\r' {
-                    1
-                } else {
-                    0
-                };
-                if m == 4 {
-                    // Anything after the blank line belongs to the body (or a pipelined request,
-                    // which pingora already holds in its buffer).
-                    self.phase = Phase::Rest { responded: false };
-                    self.armed = false;
-                    return;
+                if s.cr && b != b'\n' {
+                    bad = true; // bare CR
                 }
+                match b {
+                    b'\r' => {
+                        s.cr = true;
+                        continue;
+                    }
+                    b'\n' => {
+                        s.cr = false;
+                        if s.len == 0 && s.line > 0 {
+                            // The blank line: anything after it is body (or a pipelined request
+                            // pingora already holds in its buffer).
+                            self.phase = Phase::Rest { responded: false };
+                            self.armed = false;
+                            self.malformed |= bad;
+                            return;
+                        }
+                        if s.line == 0 && s.spaces != 2 {
+                            bad = true; // the request line is exactly METHOD SP target SP version
+                        }
+                        if s.len > 0 || s.line == 0 {
+                            s.line += 1;
+                        }
+                        s.len = 0;
+                        continue;
+                    }
+                    0 => bad = true,
+                    b' ' | b'\t' if s.len == 0 && s.line > 1 => bad = true, // obs-fold
+                    b' ' if s.line == 0 => s.spaces += 1,
+                    _ if s.line == 0 && (b < 0x20 || b == 0x7f) => bad = true,
+                    _ => {}
+                }
+                s.cr = false;
+                s.len += 1;
             }
-            *matched = m as u8;
+            *scan = s;
+            self.malformed |= bad;
             if !self.armed {
                 // A partial header section: from now on it has `timeout` to complete.
                 self.timer.as_mut().reset(Instant::now() + self.timeout);
@@ -277,6 +317,30 @@ mod tests {
         g.observe(b"\n");
         assert!(matches!(g.phase, Phase::Rest { responded: false }));
         assert!(!g.armed);
+        assert!(!g.malformed);
+    }
+
+    #[tokio::test]
+    async fn syntax_a_proxy_must_refuse_is_flagged() {
+        for raw in [
+            &b"GET /a\x00b HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\rY: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX: a\x00b\r\nHost: x\r\n\r\n",
+        ] {
+            let (a, _b) = tokio::io::duplex(64);
+            let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
+            g.observe(raw);
+            assert!(g.malformed, "{:?}", String::from_utf8_lossy(raw));
+        }
+        // Bare LF line endings are tolerated (and end the section).
+        let (a, _b) = tokio::io::duplex(64);
+        let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
+        g.observe(b"GET / HTTP/1.1\nHost: x\n\n");
+        assert!(!g.malformed);
+        assert!(matches!(g.phase, Phase::Rest { .. }));
     }
 
     #[tokio::test]

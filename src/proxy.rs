@@ -177,6 +177,26 @@ struct Attempt {
     recorded: bool,
 }
 
+/// HTTP/1.x needs exactly one `Host` (routing depends on it, so HTTP/1.0 too), a plain
+/// authority (no list, no userinfo, no spaces); HTTP/2 carries `:authority` (pingora checks it).
+fn valid_host(req: &RequestHeader) -> bool {
+    if req.version == http::Version::HTTP_2 {
+        return true;
+    }
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return false;
+    };
+    if hosts.next().is_some() {
+        return false;
+    }
+    let h = host.as_bytes();
+    !h.is_empty()
+        && h.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'@' && b != b',' && b != b'/')
+        && http::uri::Authority::try_from(h).is_ok()
+}
+
 /// Error answers always carry a request id, even when ids are not otherwise sent.
 fn ensure_request_id(session: &Session, ctx: &mut Ctx) {
     if ctx.request_id.is_empty() {
@@ -256,7 +276,15 @@ impl Gateway {
                 }
             }
         }
+        // Syntax pingora would repair or that a backend could read differently: refuse it.
+        let malformed = session
+            .stream()
+            .and_then(|s| s.as_any().downcast_ref::<crate::guard::HeaderDeadline>())
+            .is_some_and(|g| g.malformed);
         let req = session.req_header();
+        if malformed || !valid_host(req) {
+            return Err(GatewayError::BadRequest);
+        }
         if req.raw_path().len() > snapshot.server.max_uri_bytes {
             return Err(GatewayError::UriTooLong);
         }

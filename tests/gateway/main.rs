@@ -9,6 +9,7 @@ mod health;
 mod hygiene;
 mod identity;
 mod lifecycle;
+mod mutation;
 mod observe;
 mod ratelimit;
 mod reload;
