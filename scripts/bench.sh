@@ -65,7 +65,7 @@ if [[ -z ${UPSTREAM_CPU:-} ]]; then
 fi
 REDIS_CPU=${REDIS_CPU:-$UPSTREAM_CPU}
 # The order of the table; the first round runs them in this order, later rounds rotate it.
-ALL_PROXIES=(nginx haproxy reference tollgate tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
+ALL_PROXIES=(nginx haproxy reference tollgate-plain tollgate tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
 read -r -a PROXIES <<<"${PROXIES:-${ALL_PROXIES[*]}}"
 # The rate-limiter runs' tier limit: never reached (the counter is per client IP, and wrk is one
 # client), so every request is counted and allowed.
@@ -380,6 +380,11 @@ limiter_commands() {
 # IP) in one of the limiter modes.
 limiter_yaml() {
     [[ $1 == tollgate ]] && return 0
+    if [[ $1 == tollgate-plain ]]; then
+        # The same work as the reference proxy: route and forward, no added headers.
+        printf '\n'
+        return 0
+    fi
     cat <<EOF
 
 tiers:
@@ -399,6 +404,13 @@ EOF
     esac
 }
 
+# tollgate-plain: no X-Forwarded-*, X-Request-Id or traceparent (NGINX's proxy_pass and the
+# reference proxy add none either); every other run keeps Tollgate's defaults.
+plain_server_yaml() {
+    [[ $1 == tollgate-plain ]] || return 0
+    printf '  forwarded_headers: false\n  request_id_header: false\n  trace_context: false\n'
+}
+
 # Tollgate as shipped, cut down to the benchmark: one worker thread, one route, one upstream with
 # one backend, no health check (omitted), no admin listener. Its own pid file and upgrade
 # socket so it never collides with another Tollgate on the machine. NAME is `tollgate` or one of
@@ -413,6 +425,7 @@ server:
   threads: 1
   grace_period: 1s
   access_log: off        # like the NGINX and HAProxy runs: no per-request log
+$(plain_server_yaml "$name")
   pid_file: $dir/tollgate.pid
   upgrade_sock: $dir/tollgate_upgrade.sock
 
@@ -438,7 +451,7 @@ EOF
 start_proxy() {
     case $1 in
     nginx | haproxy | reference) "start_$1" "$2" "$3" ;;
-    tollgate | tollgate-rl-*) start_tollgate "$@" ;;
+    tollgate | tollgate-plain | tollgate-rl-*) start_tollgate "$@" ;;
     *) die "unknown proxy: $1" ;;
     esac
 }

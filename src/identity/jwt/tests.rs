@@ -304,3 +304,56 @@ fn config_errors_are_collected() {
         ]
     );
 }
+
+#[test]
+fn jwks_file_keys_are_selected_by_kid() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&rsa(), Algorithm::RS256).expect("jwk");
+    jwk.common.key_id = Some("from-jwks".into());
+    let set = serde_json::json!({ "keys": [jwk] });
+    std::fs::write(dir.path().join("jwks.json"), set.to_string()).expect("write");
+    let algorithms = vec!["RS256".to_string()];
+    let settings = JwtSettings {
+        algorithms: &algorithms,
+        pem_files: vec![],
+        secrets: vec![],
+        jwks_file: Some("jwks.json".into()),
+        issuer: Some("demo".into()),
+        audience: Some("tollgate".into()),
+        leeway: Duration::from_secs(5),
+        subject_claim: "sub".into(),
+        tier_claim: "tier".into(),
+        roles_claim: "roles".into(),
+    };
+    let v = match JwtVerifier::new(settings, dir.path()) {
+        Ok(v) => v,
+        Err(e) => panic!("verifier: {e:?}"),
+    };
+    assert!(v
+        .verify(&sign(
+            Algorithm::RS256,
+            Some("from-jwks"),
+            &rsa(),
+            &claims()
+        ))
+        .is_ok());
+    assert_eq!(
+        v.verify(&sign(Algorithm::RS256, Some("other"), &rsa(), &claims())),
+        Err(TokenError::UnknownKey)
+    );
+    // Unparsable JWKS: a config error, not a panic.
+    std::fs::write(dir.path().join("bad.json"), "{not json").expect("write");
+    let settings = JwtSettings {
+        algorithms: &algorithms,
+        pem_files: vec![],
+        secrets: vec![],
+        jwks_file: Some("bad.json".into()),
+        issuer: None,
+        audience: None,
+        leeway: Duration::from_secs(5),
+        subject_claim: "sub".into(),
+        tier_claim: "tier".into(),
+        roles_claim: "roles".into(),
+    };
+    assert!(JwtVerifier::new(settings, dir.path()).is_err());
+}
