@@ -376,28 +376,12 @@ fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> U
                 as u32,
         }
     });
-    let t = &u.timeouts;
-    for (field, d) in [
-        ("connect", t.connect),
-        ("read", t.read),
-        ("write", t.write),
-        ("total", t.total),
-        ("idle", t.idle),
-    ] {
-        c.positive(format!("{at}.timeouts.{field}"), d);
-    }
     UpstreamSpec {
         name: Arc::from(name),
         backends,
         balance,
         health,
-        timeouts: Timeouts {
-            connect: t.connect,
-            read: t.read,
-            write: t.write,
-            total: t.total,
-            idle: t.idle,
-        },
+        timeouts: compile_timeouts(c, &at, &u.timeouts),
         attempts: c.range(format!("{at}.retries.attempts"), u.retries.attempts, 1, 10),
         retry_on: {
             for (i, s) in u.retries.on_status.iter().enumerate() {
@@ -436,6 +420,25 @@ fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> U
             .breaker
             .as_ref()
             .map(|b| compile_breaker(c, &format!("{at}.breaker"), b)),
+    }
+}
+
+fn compile_timeouts(c: &mut Check, at: &str, t: &schema::TimeoutsSection) -> Timeouts {
+    for (field, d) in [
+        ("connect", t.connect),
+        ("read", t.read),
+        ("write", t.write),
+        ("total", t.total),
+        ("idle", t.idle),
+    ] {
+        c.positive(format!("{at}.timeouts.{field}"), d);
+    }
+    Timeouts {
+        connect: t.connect,
+        read: t.read,
+        write: t.write,
+        total: t.total,
+        idle: t.idle,
     }
 }
 
@@ -1029,24 +1032,7 @@ fn compile_route(
             })
         },
         max_body: r.max_body,
-        timeouts: r.timeouts.as_ref().map(|t| {
-            for (field, d) in [
-                ("connect", t.connect),
-                ("read", t.read),
-                ("write", t.write),
-                ("total", t.total),
-                ("idle", t.idle),
-            ] {
-                c.positive(format!("{at}.timeouts.{field}"), d);
-            }
-            Timeouts {
-                connect: t.connect,
-                read: t.read,
-                write: t.write,
-                total: t.total,
-                idle: t.idle,
-            }
-        }),
+        timeouts: r.timeouts.as_ref().map(|t| compile_timeouts(c, at, t)),
         compression,
     })
 }
