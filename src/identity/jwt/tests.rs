@@ -357,3 +357,20 @@ fn jwks_file_keys_are_selected_by_kid() {
     };
     assert!(JwtVerifier::new(settings, dir.path()).is_err());
 }
+
+#[test]
+fn verified_tokens_are_cached_but_expiry_still_applies() {
+    let v = verifier(&["RS256"], &[("r", "rsa.pub")], false);
+    let mut c = claims();
+    c["exp"] = json!(now() + 2);
+    let token = sign(Algorithm::RS256, None, &rsa(), &c);
+    assert!(v.verify(&token).is_ok());
+    // A hit: same answer.
+    assert_eq!(v.verify(&token).map(|x| x.subject), Ok("alice".to_string()));
+    // Expired (past exp + 5 s leeway) even though cached.
+    let mut old = claims();
+    old["exp"] = json!(now() - 60);
+    let expired = sign(Algorithm::RS256, None, &rsa(), &old);
+    assert_eq!(v.verify(&expired), Err(TokenError::Expired));
+    assert_eq!(v.verify(&expired), Err(TokenError::Expired));
+}
