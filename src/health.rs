@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pingora_core::protocols::l4::socket::SocketAddr as PingoraAddr;
@@ -19,12 +19,14 @@ use tokio::sync::watch;
 use crate::metrics;
 use crate::upstream::{HealthKind, HealthSpec, UpstreamSpec};
 
-/// Health of one backend. Lock-free to read.
+/// Health of one backend, and the attempts it is serving now. Lock-free to read.
 #[derive(Debug)]
 pub struct BackendState {
     healthy: AtomicBool,
     ok_streak: AtomicU32,
     fail_streak: AtomicU32,
+    /// Attempts on this backend that have not ended (see [`InFlight`]).
+    in_flight: AtomicUsize,
     /// The passive side: the circuit breaker fed by real traffic.
     pub breaker: crate::breaker::Breaker,
 }
@@ -35,8 +37,14 @@ impl BackendState {
             healthy: AtomicBool::new(healthy),
             ok_streak: AtomicU32::new(0),
             fail_streak: AtomicU32::new(0),
+            in_flight: AtomicUsize::new(0),
             breaker: crate::breaker::Breaker::default(),
         }
+    }
+
+    /// Attempts on this backend in progress now: picked and not yet ended.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     #[inline]
@@ -68,6 +76,26 @@ impl BackendState {
             }
         }
         None
+    }
+}
+
+/// One attempt on a backend: counted in its `in_flight` from `enter` until dropped, so the
+/// count cannot leak whichever way the attempt ends (another attempt, a response, an error, a
+/// client that left, a panic). Holds the state itself, which outlives a reload that removes the
+/// backend: the decrement always lands on the counter that was incremented.
+#[derive(Debug)]
+pub struct InFlight(Arc<BackendState>);
+
+impl InFlight {
+    pub fn enter(state: &Arc<BackendState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -319,4 +347,27 @@ fn start_probe(
         }
     });
     Probe { spec, stop }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_guards_count_until_dropped() {
+        let (a, b) = (
+            Arc::new(BackendState::new(true)),
+            Arc::new(BackendState::new(true)),
+        );
+        let other_request = InFlight::enter(&a);
+        let mut attempt = Some(InFlight::enter(&a));
+        assert_eq!(a.in_flight(), 2);
+        // A retry replaces the attempt: the count moves from a to b.
+        attempt.replace(InFlight::enter(&b));
+        assert_eq!((a.in_flight(), b.in_flight()), (1, 1));
+        attempt.take();
+        assert_eq!((a.in_flight(), b.in_flight()), (1, 0));
+        drop(other_request);
+        assert_eq!(a.in_flight(), 0);
+    }
 }

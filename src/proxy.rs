@@ -78,6 +78,9 @@ pub struct Ctx {
     /// When the current attempt started, and how long the backend took to answer.
     upstream_started: Option<Instant>,
     upstream_took: Option<Duration>,
+    /// The current attempt counted in its backend's `in_flight`; replaced by the next attempt,
+    /// cleared when the request is logged, and released on drop whatever happened.
+    in_flight: Option<crate::health::InFlight>,
 }
 
 impl Ctx {
@@ -595,6 +598,8 @@ impl Gateway {
 
     /// `logging`'s work, synchronous: the boxed future pingora allocates stays minimal.
     fn logging_now(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        // The request is over (`Ctx` is dropped later; release now so the count is exact).
+        ctx.in_flight = None;
         // A probe whose outcome never came (the client left first) gives its slot back.
         if let Some(a) = ctx.current {
             if a.probe && !a.recorded {
@@ -694,6 +699,7 @@ impl ProxyHttp for Gateway {
             trace: None,
             upstream_started: None,
             upstream_took: None,
+            in_flight: None,
         }
     }
 
@@ -736,6 +742,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // Called again only for a retry: the previous attempt has ended.
+        ctx.in_flight = None;
         let snapshot = ctx.snapshot.clone();
         let Some(upstream) = ctx
             .route
@@ -808,6 +816,7 @@ impl ProxyHttp for Gateway {
             probe,
             recorded: false,
         });
+        ctx.in_flight = Some(crate::health::InFlight::enter(&upstream.backends[index]));
 
         let t = ctx
             .route

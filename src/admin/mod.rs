@@ -112,6 +112,7 @@ impl Admin {
                             "healthy": s.is_healthy(),
                             "breaker": s.breaker.state().as_str(),
                             "breaker_transitions": s.breaker.transitions.load(std::sync::atomic::Ordering::Relaxed),
+                            "in_flight": s.in_flight(),
                         })
                     })
                     .collect();

@@ -157,6 +157,7 @@ pub fn stats(control: &Control) -> Value {
                         "healthy": s.is_healthy(),
                         "breaker": s.breaker.state().as_str(),
                         "breaker_transitions": s.breaker.transitions.load(Ordering::Relaxed),
+                        "in_flight": s.in_flight(),
                     })
                 })
                 .collect();

@@ -578,6 +578,7 @@ async fn the_dashboard_is_self_contained_and_its_stats_follow_traffic() {
     assert_eq!(backend["addr"], up.addr.to_string());
     assert_eq!(backend["healthy"], true);
     assert_eq!(backend["breaker"], "closed");
+    assert_eq!(backend["in_flight"], 0);
 
     // 1 upstream 503, 4 answered 200, then 3 refused by the anonymous tier's limit of 5.
     let client = http();

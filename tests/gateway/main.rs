@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod balancing;
+mod browser;
 mod health;
 mod hygiene;
 mod identity;

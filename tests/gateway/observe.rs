@@ -1,5 +1,6 @@
 //! Request ids, trace context, the access log and the metrics an operator alerts on.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -134,4 +135,123 @@ async fn request_ids_and_trace_context_flow_through() {
         !text.contains("client-id-42"),
         "a request id leaked into a label"
     );
+}
+
+/// Every backend's `in_flight` by address, as `endpoint` (`/admin/upstreams` or `/admin/stats`)
+/// reports it.
+async fn backend_in_flight(gw: &Gateway, endpoint: &str) -> Option<HashMap<String, u64>> {
+    let v: Value = http()
+        .get(gw.admin(endpoint))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let mut counts = HashMap::new();
+    for u in v["upstreams"].as_array()? {
+        for b in u["backends"].as_array()? {
+            counts.insert(b["addr"].as_str()?.to_string(), b["in_flight"].as_u64()?);
+        }
+    }
+    Some(counts)
+}
+
+/// Poll until both admin endpoints report `want` (address -> in_flight) for every backend.
+async fn wait_in_flight(gw: &Gateway, want: &[(&MockUpstream, u64)], what: &str) {
+    let want: HashMap<String, u64> = want.iter().map(|(m, n)| (m.addr.to_string(), *n)).collect();
+    eventually(Duration::from_secs(10), what, || async {
+        for endpoint in ["/admin/upstreams", "/admin/stats"] {
+            if backend_in_flight(gw, endpoint).await? != want {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_backend_in_flight_follows_attempts_retries_and_errors() {
+    let failing = MockUpstream::start("failing").await;
+    let slow = MockUpstream::start("slow").await;
+    failing.set_status(503);
+    slow.set_delay(Duration::from_millis(2500));
+    // Round robin over both: requests that try `failing` first get its 503 and are retried on
+    // `slow`, so every request ends up on `slow`. /quick gives up on a silent backend quickly.
+    let retries = "    retries: { attempts: 2, budget_percent: 100, min_per_second: 100, backoff: 1ms, backoff_max: 1ms }\n";
+    let body = format!(
+        "upstreams:\n{}routes:\n  - {{ name: quick, match: {{ path_prefix: /quick }}, upstream: u, timeouts: {{ read: 400ms, total: 3s }} }}\n  - {{ name: all, upstream: u }}\n",
+        upstream_yaml("u", &[&failing, &slow], retries)
+    );
+    let gw = Gateway::start(&body).await;
+    wait_in_flight(
+        &gw,
+        &[(&failing, 0), (&slow, 0)],
+        "nothing in flight at start",
+    )
+    .await;
+
+    // N concurrent requests on the slow backend: all N counted there while they run, none on
+    // the backend that answered 503 (the retry moved them).
+    const N: u64 = 4;
+    let client = http();
+    let requests: Vec<_> = (0..N)
+        .map(|i| {
+            let (client, url) = (client.clone(), gw.url(&format!("/r{i}")));
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    wait_in_flight(
+        &gw,
+        &[(&failing, 0), (&slow, N)],
+        "N requests in flight on the slow backend",
+    )
+    .await;
+    assert!(failing.hits() >= 1, "no request was retried off `failing`");
+    for r in requests {
+        assert_eq!(r.await.expect("task"), Some((200, "slow".to_string())));
+    }
+    wait_in_flight(&gw, &[(&failing, 0), (&slow, 0)], "nothing in flight after").await;
+
+    // Errors: a backend that never answers times out (and the request is retried or fails);
+    // nothing stays counted.
+    slow.set_hang(true);
+    let quick: Vec<_> = (0..2)
+        .map(|i| {
+            let (client, url) = (client.clone(), gw.url(&format!("/quick/{i}")));
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    for r in quick {
+        let (status, _) = r.await.expect("task").expect("an answer");
+        assert!(status == 503 || status == 504, "{status}");
+    }
+    wait_in_flight(
+        &gw,
+        &[(&failing, 0), (&slow, 0)],
+        "nothing in flight after timeouts",
+    )
+    .await;
+
+    // A client that leaves while its backend is silent: released without waiting for the
+    // 30 s read timeout.
+    let left = {
+        let (client, url) = (client.clone(), gw.url("/leaving"));
+        tokio::spawn(async move { get(&client, &url).await })
+    };
+    wait_in_flight(
+        &gw,
+        &[(&failing, 0), (&slow, 1)],
+        "the hanging attempt counted",
+    )
+    .await;
+    left.abort();
+    let _ = left.await;
+    wait_in_flight(
+        &gw,
+        &[(&failing, 0), (&slow, 0)],
+        "nothing in flight after the client left",
+    )
+    .await;
 }
