@@ -144,6 +144,8 @@ pub struct Breaker {
     probe_ok: AtomicU32,
     rolling: Rolling,
     pub transitions: AtomicU64,
+    /// Set by the request that moved Open -> HalfOpen, taken by whoever reports it.
+    half_opened: std::sync::atomic::AtomicBool,
 }
 
 /// What `admit` decided for one attempt.
@@ -181,6 +183,7 @@ impl Breaker {
                     self.probes.store(0, Ordering::Relaxed);
                     self.probe_ok.store(0, Ordering::Relaxed);
                     self.transitions.fetch_add(1, Ordering::Relaxed);
+                    self.half_opened.store(true, Ordering::Release);
                 }
                 self.take_probe(spec)
             }
@@ -196,6 +199,12 @@ impl Breaker {
             self.probes.fetch_sub(1, Ordering::AcqRel);
             Admit::No
         }
+    }
+
+    /// True once after this breaker went half-open (so the transition is logged and counted
+    /// exactly once, outside the lock-free admit path's caller).
+    pub fn take_half_opened(&self) -> bool {
+        self.half_opened.swap(false, Ordering::AcqRel)
     }
 
     /// Give back a probe slot whose outcome will never be known (the client went away).

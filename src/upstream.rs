@@ -210,6 +210,9 @@ impl Upstream {
                     Admit::Yes => true,
                     Admit::Probe => {
                         probe.set(true);
+                        if self.backends[i].breaker.take_half_opened() {
+                            self.report(i, State::HalfOpen, None);
+                        }
                         true
                     }
                     Admit::No => false,
@@ -260,25 +263,29 @@ impl Upstream {
             .breaker
             .record(spec, outcome, probe, breaker::now_ms(), may_open)
         {
-            let addr = self.spec.backends[i].addr;
-            match state {
-                State::Open => log::warn!(
-                    "breaker: upstream {} backend {addr} opened ({outcome:?})",
-                    self.spec.name
-                ),
-                State::Closed => log::warn!(
-                    "breaker: upstream {} backend {addr} closed again",
-                    self.spec.name
-                ),
-                State::HalfOpen => {}
-            }
-            metrics::BREAKER_TRANSITIONS
-                .with_label_values(&[&self.spec.name, state.as_str()])
-                .inc();
-            metrics::BREAKER_STATE
-                .with_label_values(&[&*self.spec.name, &addr.to_string()])
-                .set(state as i64);
+            self.report(i, state, Some(outcome));
         }
+    }
+
+    /// Log and count one breaker transition of backend `i`.
+    fn report(&self, i: usize, state: State, outcome: Option<Outcome>) {
+        let addr = self.spec.backends[i].addr;
+        let name = &self.spec.name;
+        match state {
+            State::Open => {
+                log::warn!("breaker: upstream {name} backend {addr} opened ({outcome:?})")
+            }
+            State::Closed => log::warn!("breaker: upstream {name} backend {addr} closed again"),
+            State::HalfOpen => {
+                log::info!("breaker: upstream {name} backend {addr} half-open, probing")
+            }
+        }
+        metrics::BREAKER_TRANSITIONS
+            .with_label_values(&[&**name, state.as_str()])
+            .inc();
+        metrics::BREAKER_STATE
+            .with_label_values(&[&**name, &addr.to_string()])
+            .set(state as i64);
     }
 }
 
