@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_packages cmake:cmake redis-server:redis-server '/usr/lib/postgresql/*/bin/initdb:postgresql' \
-    gcc:build-essential pkg-config:pkg-config openssl:openssl
+    gcc:build-essential pkg-config:pkg-config openssl:openssl chromium:chromium
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 target=${CARGO_TARGET_DIR:-target}
 
