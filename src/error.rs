@@ -142,6 +142,10 @@ impl GatewayError {
     pub fn from_pingora(e: &Error) -> Self {
         use ErrorType::*;
         match e.etype() {
+            // The client stalled (a request body that stopped arriving): not the upstream's fault.
+            ReadTimedout if e.esource() == &pingora_error::ErrorSource::Downstream => {
+                Self::RequestTimeout
+            }
             ConnectTimedout | ReadTimedout | WriteTimedout => Self::UpstreamTimeout,
             ConnectRefused | ConnectNoRoute | ConnectError | ConnectProxyFailure
             | TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError => {
@@ -229,5 +233,9 @@ mod tests {
         assert_eq!(GatewayError::from_pingora(&t).status(), 504);
         let r = Error::new(ErrorType::ConnectRefused);
         assert_eq!(GatewayError::from_pingora(&r).status(), 502);
+        // A client whose request body stopped arriving.
+        let mut d = Error::new(ErrorType::ReadTimedout);
+        d.as_down();
+        assert_eq!(GatewayError::from_pingora(&d).status(), 408);
     }
 }

@@ -25,9 +25,13 @@ use tokio::time::{Instant, Sleep};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
-/// Where the scanner stands inside a header section.
+/// The syntax check on one HTTP/1 request head (request line, header fields, blank line), fed
+/// incrementally as bytes arrive. It flags what pingora would repair or read differently from
+/// a backend: a request line other than exactly `METHOD SP target SP version`, control bytes
+/// (NUL, CR, tab, ...) in the request line, NUL anywhere, a bare CR, and obs-fold (a header line
+/// starting with a space or tab). Bare LF line endings are tolerated, as pingora accepts them.
 #[derive(Debug, Clone, Copy, Default)]
-struct Scan {
+pub struct HeadScanner {
     /// Line number within the section (0 = request line).
     line: u32,
     /// Bytes on the current line, CR excluded.
@@ -36,15 +40,85 @@ struct Scan {
     spaces: u8,
     /// The previous byte was CR.
     cr: bool,
+    /// Something flagged so far.
+    bad: bool,
+}
+
+impl HeadScanner {
+    /// Feed the next bytes of the head. When the blank line ending the head is among them,
+    /// returns how many of `bytes` belong to the head (the rest is body or the next request)
+    /// and the scanner must not be fed again; otherwise `None`.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            if self.cr && b != b'\n' {
+                self.bad = true; // bare CR
+            }
+            match b {
+                b'\r' => {
+                    self.cr = true;
+                    continue;
+                }
+                b'\n' => {
+                    self.cr = false;
+                    if self.len == 0 && self.line > 0 {
+                        // The blank line: anything after it is body (or a pipelined request
+                        // pingora already holds in its buffer).
+                        return Some(i + 1);
+                    }
+                    if self.line == 0 && self.spaces != 2 {
+                        self.bad = true; // the request line is exactly METHOD SP target SP version
+                    }
+                    if self.len > 0 || self.line == 0 {
+                        self.line = self.line.saturating_add(1);
+                    }
+                    self.len = 0;
+                    continue;
+                }
+                0 => self.bad = true,
+                b' ' | b'\t' if self.len == 0 && self.line > 1 => self.bad = true, // obs-fold
+                b' ' if self.line == 0 => self.spaces = self.spaces.saturating_add(1),
+                _ if self.line == 0 && (b < 0x20 || b == 0x7f) => self.bad = true,
+                _ => {}
+            }
+            self.cr = false;
+            self.len = self.len.saturating_add(1);
+        }
+        None
+    }
+
+    /// The head broke the syntax rules (so far).
+    pub fn malformed(&self) -> bool {
+        self.bad
+    }
+}
+
+/// The verdict on a request head given whole (see [`HeadScanner`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadVerdict {
+    /// Length of the head including its blank line; `None` when the head is incomplete.
+    pub end: Option<usize>,
+    /// The syntax check failed (within the head, or in the bytes seen so far if incomplete).
+    pub malformed: bool,
+}
+
+/// Scan `bytes` as the start of a request head: the guard's check, as a pure function (used by
+/// the tests and the fuzz target; `HeaderDeadline` feeds the same scanner read by read).
+pub fn scan_request_head(bytes: &[u8]) -> HeadVerdict {
+    let mut scan = HeadScanner::default();
+    let end = scan.feed(bytes);
+    HeadVerdict {
+        end,
+        malformed: scan.malformed(),
+    }
 }
 
 enum Phase {
     /// Reading a header section.
-    Header(Scan),
+    Header(HeadScanner),
     /// Headers done; the next read after a write starts a new header section.
     Rest { responded: bool },
-    /// HTTP/2: not our business.
-    H2,
+    /// HTTP/2, or an HTTP/1 connection switched to another protocol (101): not our business.
+    Passthrough,
 }
 
 pub struct HeaderDeadline {
@@ -65,7 +139,7 @@ impl HeaderDeadline {
         Self {
             inner,
             timeout,
-            phase: Phase::Header(Scan::default()),
+            phase: Phase::Header(HeadScanner::default()),
             timer: Box::pin(tokio::time::sleep(timeout)),
             armed: true,
             first: true,
@@ -83,7 +157,7 @@ impl HeaderDeadline {
             if bytes.starts_with(&H2_PREFACE[..bytes.len().min(H2_PREFACE.len())])
                 && bytes.len() >= 3
             {
-                self.phase = Phase::H2;
+                self.phase = Phase::Passthrough;
                 self.armed = false;
                 return;
             }
@@ -92,57 +166,54 @@ impl HeaderDeadline {
             // A new request on a kept-alive connection. Its deadline is armed only if its header
             // section does not arrive in this read (see below): whole headers in one read — the
             // common case — cost no timer at all.
-            self.phase = Phase::Header(Scan::default());
+            self.phase = Phase::Header(HeadScanner::default());
             self.malformed = false;
         }
         if let Phase::Header(scan) = &mut self.phase {
-            let mut s = *scan;
-            let mut bad = false;
-            for &b in bytes {
-                if s.cr && b != b'\n' {
-                    bad = true; // bare CR
-                }
-                match b {
-                    b'\r' => {
-                        s.cr = true;
-                        continue;
-                    }
-                    b'\n' => {
-                        s.cr = false;
-                        if s.len == 0 && s.line > 0 {
-                            // The blank line: anything after it is body (or a pipelined request
-                            // pingora already holds in its buffer).
-                            self.phase = Phase::Rest { responded: false };
-                            self.armed = false;
-                            self.malformed |= bad;
-                            return;
-                        }
-                        if s.line == 0 && s.spaces != 2 {
-                            bad = true; // the request line is exactly METHOD SP target SP version
-                        }
-                        if s.len > 0 || s.line == 0 {
-                            s.line += 1;
-                        }
-                        s.len = 0;
-                        continue;
-                    }
-                    0 => bad = true,
-                    b' ' | b'\t' if s.len == 0 && s.line > 1 => bad = true, // obs-fold
-                    b' ' if s.line == 0 => s.spaces += 1,
-                    _ if s.line == 0 && (b < 0x20 || b == 0x7f) => bad = true,
-                    _ => {}
-                }
-                s.cr = false;
-                s.len += 1;
+            let ended = scan.feed(bytes).is_some();
+            self.malformed |= scan.malformed();
+            if ended {
+                self.phase = Phase::Rest { responded: false };
+                self.armed = false;
+                return;
             }
-            *scan = s;
-            self.malformed |= bad;
             if !self.armed {
                 // A partial header section: from now on it has `timeout` to complete.
                 self.timer.as_mut().reset(Instant::now() + self.timeout);
                 self.armed = true;
             }
         }
+    }
+
+    /// Note bytes written to the client. The first write of a final response ends the request
+    /// (the next read starts a new header section). An interim response does not: after
+    /// `100 Continue` (or `103 Early Hints`) the client goes on sending the request body, which
+    /// must be neither scanned as a header section nor put under the header deadline; after
+    /// `101 Switching Protocols` the connection carries another protocol.
+    fn wrote(&mut self, data: &[u8]) {
+        if let Phase::Rest { responded } = &mut self.phase {
+            if *responded || data.is_empty() {
+                return;
+            }
+            match interim_status(data) {
+                Some(101) => self.phase = Phase::Passthrough,
+                Some(_) => {}
+                None => *responded = true,
+            }
+        }
+    }
+}
+
+/// The status of an interim (1xx) HTTP/1 response head starting `data`, if it is one.
+fn interim_status(data: &[u8]) -> Option<u16> {
+    let rest = data
+        .strip_prefix(b"HTTP/1.1 ")
+        .or_else(|| data.strip_prefix(b"HTTP/1.0 "))?;
+    match rest {
+        [b'1', d1 @ b'0'..=b'9', d2 @ b'0'..=b'9', ..] => {
+            Some(100 + u16::from(d1 - b'0') * 10 + u16::from(d2 - b'0'))
+        }
+        _ => None,
     }
 }
 
@@ -162,7 +233,7 @@ impl AsyncRead for HeaderDeadline {
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if !matches!(this.phase, Phase::H2) {
+        if !matches!(this.phase, Phase::Passthrough) {
             if let Poll::Ready(Ok(())) = res {
                 this.observe(&buf.filled()[before..]);
             }
@@ -178,9 +249,7 @@ impl AsyncWrite for HeaderDeadline {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Phase::Rest { responded } = &mut this.phase {
-            *responded = true;
-        }
+        this.wrote(data);
         Pin::new(&mut this.inner).poll_write(cx, data)
     }
 
@@ -198,8 +267,8 @@ impl AsyncWrite for HeaderDeadline {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Phase::Rest { responded } = &mut this.phase {
-            *responded = true;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.wrote(first);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
@@ -343,12 +412,71 @@ mod tests {
         assert!(matches!(g.phase, Phase::Rest { .. }));
     }
 
+    #[test]
+    fn scan_request_head_agrees_with_the_stream_scanner() {
+        let good = b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX: y\r\n\r\nbody";
+        assert_eq!(
+            scan_request_head(good),
+            HeadVerdict {
+                end: Some(good.len() - 4),
+                malformed: false
+            }
+        );
+        assert_eq!(scan_request_head(b"GET / HTTP/1.1\r\nHost").end, None);
+        assert!(scan_request_head(b"GET /a\x01 HTTP/1.1\r\n").malformed);
+        // Fed in any two pieces, the scanner says the same as in one.
+        for cut in 0..=good.len() {
+            let mut s = HeadScanner::default();
+            let end = match s.feed(&good[..cut]) {
+                Some(n) => Some(n),
+                None => s.feed(&good[cut..]).map(|n| n + cut),
+            };
+            assert_eq!(end, Some(good.len() - 4), "cut at {cut}");
+            assert!(!s.malformed());
+        }
+    }
+
+    #[test]
+    fn many_spaces_on_the_request_line_never_count_as_two() {
+        // 258 spaces once wrapped a u8 counter back to 2 (and overflowed in debug builds).
+        let mut raw = b"GET".to_vec();
+        raw.extend(std::iter::repeat_n(b' ', 258));
+        raw.extend_from_slice(b"/ HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(scan_request_head(&raw).malformed);
+    }
+
+    #[tokio::test]
+    async fn interim_responses_do_not_end_the_request() {
+        let (a, _b) = tokio::io::duplex(64);
+        let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
+        g.observe(
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n",
+        );
+        g.wrote(b"HTTP/1.1 100 Continue\r\n\r\n");
+        // The body (with spaces and a bare CR) is not a header section: no flag, no deadline.
+        g.observe(b"a b c\rd e");
+        assert!(matches!(g.phase, Phase::Rest { responded: false }));
+        assert!(!g.armed && !g.malformed);
+        g.wrote(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        g.observe(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(matches!(g.phase, Phase::Rest { responded: false }));
+        assert!(!g.malformed);
+        // 101: the connection now carries another protocol.
+        g.wrote(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n");
+        g.observe(b"\x81\x05hello with no blank line");
+        assert!(matches!(g.phase, Phase::Passthrough));
+        assert!(!g.armed && !g.malformed);
+        assert_eq!(interim_status(b"HTTP/1.1 103 Early Hints\r\n"), Some(103));
+        assert_eq!(interim_status(b"HTTP/1.1 200 OK\r\n"), None);
+        assert_eq!(interim_status(b"HTTP/1.1 1"), None);
+    }
+
     #[tokio::test]
     async fn h2_prior_knowledge_is_left_alone() {
         let (a, _b) = tokio::io::duplex(64);
         let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
         g.observe(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert!(matches!(g.phase, Phase::H2));
+        assert!(matches!(g.phase, Phase::Passthrough));
         assert!(!g.armed);
     }
 

@@ -200,6 +200,33 @@ fn valid_host(req: &RequestHeader) -> bool {
         && http::uri::Authority::try_from(h).is_ok()
 }
 
+/// Transfer-Encoding, when present, is exactly one `chunked`. pingora frames the body by the last
+/// coding (400 unless it is chunked) but forwards `chunked` alone, so any other coding would reach
+/// the backend mislabelled; and chunked must not be applied twice (RFC 9112 §6.1, §7).
+fn valid_transfer_encoding(req: &RequestHeader) -> bool {
+    let mut codings = req
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => !req.headers.contains_key(header::TRANSFER_ENCODING),
+        (Some(c), None) => c.eq_ignore_ascii_case(b"chunked"),
+        _ => false,
+    }
+}
+
+/// The connection's guard flagged this request's syntax (see `guard::HeadScanner`): pingora
+/// would repair it or a backend could read it differently. Refused, and the connection closed.
+fn malformed(session: &Session) -> bool {
+    session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<crate::guard::HeaderDeadline>())
+        .is_some_and(|g| g.malformed)
+}
+
 /// Error answers always carry a request id, even when ids are not otherwise sent.
 fn ensure_request_id(session: &Session, ctx: &mut Ctx) {
     if ctx.request_id.is_empty() {
@@ -280,23 +307,22 @@ impl Gateway {
             }
         }
         // Syntax pingora would repair or that a backend could read differently: refuse it.
-        let malformed = session
-            .stream()
-            .and_then(|s| s.as_any().downcast_ref::<crate::guard::HeaderDeadline>())
-            .is_some_and(|g| g.malformed);
         let req = session.req_header();
-        if malformed || !valid_host(req) {
+        if malformed(session) || !valid_host(req) || !valid_transfer_encoding(req) {
             return Err(GatewayError::BadRequest);
         }
         if req.raw_path().len() > snapshot.server.max_uri_bytes {
             return Err(GatewayError::UriTooLong);
         }
-        let (mut header_bytes, mut underscores) = (0usize, false);
+        let (mut header_bytes, mut longest, mut underscores) = (0usize, 0usize, false);
         for (k, v) in req.headers.iter() {
-            header_bytes += k.as_str().len() + v.len() + 4;
+            let line = k.as_str().len() + v.len() + 2; // `name: value`
+            header_bytes += line + 2;
+            longest = longest.max(line);
             underscores |= k.as_str().contains('_');
         }
         if header_bytes > snapshot.server.max_header_bytes
+            || longest > snapshot.server.max_header_line_bytes
             || req.headers.len() > snapshot.server.max_headers
         {
             return Err(GatewayError::HeadersTooLarge);
@@ -393,8 +419,10 @@ impl Gateway {
 impl Gateway {
     /// `early_request_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
     fn early_request_filter_now(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        // pingora's default keep-alive never times out (#447).
-        if self.draining.load(Ordering::Relaxed) {
+        // pingora's default keep-alive never times out (#447). Where pingora turned keep-alive
+        // off for this request (`Connection: close`, HTTP/1.0 without keep-alive, or both
+        // Transfer-Encoding and Content-Length: RFC 9112 §6.1), it stays off.
+        if self.draining.load(Ordering::Relaxed) || session.get_keepalive().is_none() {
             session.set_keepalive(None);
         } else {
             session.set_keepalive(Some(ctx.snapshot.keepalive_secs));
@@ -534,11 +562,41 @@ impl Gateway {
                 upstream_request.insert_header(header::HOST, h)?;
             }
         }
+        // Identical duplicate Content-Lengths (`5, 5`, or two fields) passed pingora's check:
+        // the backend gets exactly one (RFC 9110 §8.6).
+        let merged_length = {
+            let mut lengths = upstream_request
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter();
+            match (lengths.next(), lengths.next()) {
+                (Some(first), second) if second.is_some() || first.as_bytes().contains(&b',') => {
+                    first
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.split(',').next())
+                        .map(|v| v.trim().to_string())
+                }
+                _ => None,
+            }
+        };
+        if let Some(n) = merged_length {
+            upstream_request.insert_header(header::CONTENT_LENGTH, n)?;
+        }
+
         let route = ctx.route.map(|i| &snapshot.routes[i]);
         let path = upstream_request.uri.path();
         let new_path = route.and_then(|r| r.rewrite_path(path));
-        if new_path.is_some() || upstream_request.uri.authority().is_some() {
+        // pingora keeps an absolute-form target verbatim (its URI holds only the path): send
+        // origin-form, as for HTTP/2, with the authority in Host (already checked to agree).
+        let raw = upstream_request.raw_path();
+        let absolute_form = upstream_request.method != http::Method::CONNECT
+            && !raw.is_empty()
+            && raw[0] != b'/'
+            && raw != b"*";
+        if new_path.is_some() || absolute_form || upstream_request.uri.authority().is_some() {
             let path = new_path.as_deref().unwrap_or(upstream_request.uri.path());
+            let path = if path.is_empty() { "/" } else { path };
             let pq = match upstream_request.uri.query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path.to_string(),
@@ -717,9 +775,10 @@ impl ProxyHttp for Gateway {
         match err {
             None => Ok(false),
             Some(err) => {
-                // Answered here, before any body is read: close unless there is no body.
+                // Answered here, before any body is read: close unless there is no body, and
+                // always when the framing is in doubt.
                 ctx.error = Some(err);
-                let close = !session.is_body_empty();
+                let close = !session.is_body_empty() || malformed(session);
                 let mut extra = limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers);
                 // Retry-After comes from the error itself.
                 extra.retain(|(name, _)| *name != "Retry-After");

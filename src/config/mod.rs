@@ -80,7 +80,7 @@ pub fn load_str(path: &Path, text: &str) -> Result<GatewayConfig, Vec<ConfigErro
                     file: path.to_path_buf(),
                     line,
                     column,
-                    field: p.field,
+                    field: one_line(&p.field),
                     message: one_line(&p.message),
                 }
             })
@@ -124,7 +124,8 @@ fn serde_error(path: &Path, e: &serde_yaml_ng::Error) -> ConfigError {
         file: path.to_path_buf(),
         line,
         column,
-        field,
+        // A key can hold a line break (`"a\nb": 1`); an error is one line.
+        field: one_line(&field),
         message: one_line(&message),
     }
 }

@@ -74,6 +74,9 @@ pub struct ServerSection {
     /// Most request header fields accepted (431 beyond it).
     #[serde(default = "default_max_headers")]
     pub max_headers: i64,
+    /// Longest single request header field, `name: value` (431 beyond it).
+    #[serde(default = "default_max_header_line", deserialize_with = "size")]
+    pub max_header_line_bytes: u64,
     /// Header names with `_`: `drop` (default, as NGINX does), `allow`, or `reject` (400).
     #[serde(default)]
     pub underscore_headers: UnderscoreHeaders,
@@ -706,6 +709,9 @@ fn default_max_header() -> u64 {
     32 * 1024
 }
 fn default_max_uri() -> u64 {
+    8 * 1024
+}
+fn default_max_header_line() -> u64 {
     8 * 1024
 }
 fn default_queue_timeout() -> Duration {

@@ -56,6 +56,16 @@ fn strip_prefix_needs_a_prefix_and_relative_paths_are_refused() {
     assert_eq!(fields, ["server.pid_file", "routes[0].strip_prefix"]);
 }
 
+/// Found by the `config_loader` fuzz target: a key holding a line break made a two-line error.
+#[test]
+fn errors_stay_on_one_line_when_a_key_holds_a_line_break() {
+    let text = format!("{GOOD}\"bad\\nkey\": 1\n");
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("unknown key");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].field, "bad key");
+    assert!(!errs[0].to_string().contains('\n'), "{}", errs[0]);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 

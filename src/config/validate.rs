@@ -66,6 +66,8 @@ pub struct ServerSettings {
     pub request_id_header: bool,
     pub trace_context: bool,
     pub max_headers: usize,
+    /// Longest single header field, `name: value` without the line end.
+    pub max_header_line_bytes: usize,
     pub underscore_headers: schema::UnderscoreHeaders,
 }
 
@@ -275,6 +277,12 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
             1 << 20,
         ),
         max_headers: c.range("server.max_headers".into(), s.max_headers, 8, 10_000),
+        max_header_line_bytes: c.range(
+            "server.max_header_line_bytes".into(),
+            i64::try_from(s.max_header_line_bytes).unwrap_or(i64::MAX),
+            256,
+            1 << 20,
+        ),
         underscore_headers: s.underscore_headers,
         forwarded_headers: s.forwarded_headers,
         request_id_header: s.request_id_header,

@@ -249,10 +249,14 @@ impl JwtVerifier {
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(hit) = self.cache.get(&digest) {
-            if hit.exp + self.leeway <= now {
+            // Saturating: `exp` comes from the token (u64::MAX, or 1e300 read as a float).
+            if hit.exp.saturating_add(self.leeway) <= now {
                 return Err(TokenError::Expired);
             }
-            if hit.nbf.is_some_and(|nbf| nbf > now + self.leeway) {
+            if hit
+                .nbf
+                .is_some_and(|nbf| nbf > now.saturating_add(self.leeway))
+            {
                 return Err(TokenError::NotYetValid);
             }
             return Ok(hit.verified.clone());

@@ -564,3 +564,214 @@ pub async fn get(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {
     let status = r.status().as_u16();
     Some((status, r.text().await.ok()?))
 }
+
+/// One connection the recording upstream accepted.
+#[derive(Debug, Clone, Default)]
+pub struct RecordedConn {
+    /// Every byte received on it, in order.
+    pub bytes: Vec<u8>,
+    /// Complete requests parsed from it.
+    pub requests: usize,
+    /// The gateway closed it (EOF or error).
+    pub closed: bool,
+}
+
+/// A point in a `RecordingUpstream`'s history (see `RecordingUpstream::since`).
+#[derive(Debug, Clone)]
+pub struct Mark(Vec<usize>);
+
+/// A raw HTTP/1.1 upstream that records every byte it receives, per connection. It parses each
+/// request (httparse; Content-Length or chunked body) and answers `200` with body `ok`; it
+/// answers `100 Continue` as soon as the head of an `Expect: 100-continue` request is in, a
+/// `101` to an `Upgrade` request (then echoes whatever arrives), and `400` (then closes) to
+/// bytes it cannot parse.
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<RecordedConn>>>,
+}
+
+impl RecordingUpstream {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let conns: Arc<Mutex<Vec<RecordedConn>>> = Arc::default();
+        let all = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let index = {
+                    let mut all = all.lock().expect("lock");
+                    all.push(RecordedConn::default());
+                    all.len() - 1
+                };
+                tokio::spawn(record_conn(conn, index, all.clone()));
+            }
+        });
+        Self { addr, conns }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().expect("lock").len()
+    }
+
+    pub fn conn(&self, i: usize) -> RecordedConn {
+        self.conns.lock().expect("lock")[i].clone()
+    }
+
+    /// Complete requests parsed, on every connection.
+    pub fn requests(&self) -> usize {
+        self.conns
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|c| c.requests)
+            .sum()
+    }
+
+    pub fn mark(&self) -> Mark {
+        Mark(
+            self.conns
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|c| c.bytes.len())
+                .collect(),
+        )
+    }
+
+    /// Bytes received since `mark`, as (connection index, bytes), connections in accept order.
+    pub fn since(&self, mark: &Mark) -> Vec<(usize, Vec<u8>)> {
+        let conns = self.conns.lock().expect("lock");
+        conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let from = mark.0.get(i).copied().unwrap_or(0);
+                (c.bytes.len() > from).then(|| (i, c.bytes[from..].to_vec()))
+            })
+            .collect()
+    }
+}
+
+async fn record_conn(
+    mut conn: tokio::net::TcpStream,
+    index: usize,
+    all: Arc<Mutex<Vec<RecordedConn>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let mut continued = false;
+    let mut tunnel = false;
+    loop {
+        // Answer as many complete requests as the buffer holds.
+        while !tunnel {
+            let mut headers = [httparse::EMPTY_HEADER; 128];
+            let mut req = httparse::Request::new(&mut headers);
+            let n = match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => break,
+                Err(_) => {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    all.lock().expect("lock")[index].closed = true;
+                    return;
+                }
+            };
+            let header = |name: &str| {
+                req.headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                    .collect::<Vec<_>>()
+            };
+            let chunked = header("transfer-encoding")
+                .last()
+                .is_some_and(|te| te.to_ascii_lowercase().trim_end().ends_with("chunked"));
+            let cl = header("content-length")
+                .first()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if !header("upgrade").is_empty() {
+                let _ = conn
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                    .await;
+                buf.drain(..n);
+                tunnel = true;
+                all.lock().expect("lock")[index].requests += 1;
+                break;
+            }
+            let body_end = if chunked {
+                chunked_end(&buf[n..]).map(|e| n + e)
+            } else {
+                Some(n + cl.unwrap_or(0))
+            };
+            let Some(body_end) = body_end.filter(|&e| e <= buf.len()) else {
+                let expects = header("expect")
+                    .iter()
+                    .any(|v| v.eq_ignore_ascii_case("100-continue"));
+                if expects && !continued {
+                    continued = true;
+                    if conn
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                break;
+            };
+            buf.drain(..body_end);
+            continued = false;
+            all.lock().expect("lock")[index].requests += 1;
+            if conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if tunnel && !buf.is_empty() {
+            if conn.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => {
+                all.lock().expect("lock")[index].closed = true;
+                return;
+            }
+            Ok(n) => {
+                all.lock().expect("lock")[index]
+                    .bytes
+                    .extend_from_slice(&chunk[..n]);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+/// End of a chunked body (index after the final CRLF), if complete.
+pub fn chunked_end(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    loop {
+        let line_end = b.get(i..)?.windows(2).position(|w| w == b"\r\n")? + i;
+        let size_txt = std::str::from_utf8(&b[i..line_end]).ok()?;
+        let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
+        i = line_end + 2;
+        if size == 0 {
+            // Trailers, then the blank line.
+            let end = b.get(i..)?.windows(2).position(|w| w == b"\r\n")? + i;
+            return Some(end + 2);
+        }
+        i += size + 2;
+        if i > b.len() {
+            return None;
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod health;
 mod hygiene;
 mod identity;
 mod lifecycle;
+mod malformed;
 mod mutation;
 mod observe;
 mod ratelimit;

@@ -10,104 +10,9 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRng, TestRunner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::harness::*;
-
-/// An HTTP/1.1 upstream that parses every request it gets (httparse, Content-Length or chunked)
-/// and answers each with 200; it counts requests, and answers 400 (then closes) to bytes it
-/// cannot parse.
-async fn raw_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let parsed = Arc::new(AtomicUsize::new(0));
-    let count = parsed.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf: Vec<u8> = Vec::new();
-                let mut chunk = [0u8; 8192];
-                loop {
-                    // Parse as many complete requests as the buffer holds.
-                    loop {
-                        let mut headers = [httparse::EMPTY_HEADER; 128];
-                        let mut req = httparse::Request::new(&mut headers);
-                        match req.parse(&buf) {
-                            Ok(httparse::Status::Complete(n)) => {
-                                let te = req
-                                    .headers
-                                    .iter()
-                                    .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
-                                let cl = req
-                                    .headers
-                                    .iter()
-                                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                                    .and_then(|h| {
-                                        std::str::from_utf8(h.value)
-                                            .ok()?
-                                            .trim()
-                                            .parse::<usize>()
-                                            .ok()
-                                    });
-                                let body_end = if te {
-                                    match chunked_end(&buf[n..]) {
-                                        Some(e) => n + e,
-                                        None => break,
-                                    }
-                                } else {
-                                    n + cl.unwrap_or(0)
-                                };
-                                if buf.len() < body_end {
-                                    break;
-                                }
-                                buf.drain(..body_end);
-                                count.fetch_add(1, Ordering::SeqCst);
-                                if conn
-                                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                                    .await
-                                    .is_err()
-                                {
-                                    return;
-                                }
-                            }
-                            Ok(httparse::Status::Partial) => break,
-                            Err(_) => {
-                                let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-                                return;
-                            }
-                        }
-                    }
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    (addr, parsed)
-}
-
-/// End of a chunked body (index after the final CRLF), if complete.
-fn chunked_end(b: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    loop {
-        let line_end = b[i..].windows(2).position(|w| w == b"\r\n")? + i;
-        let size_txt = std::str::from_utf8(&b[i..line_end]).ok()?;
-        let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
-        i = line_end + 2;
-        if size == 0 {
-            // Trailers, then the blank line.
-            let end = b[i..].windows(2).position(|w| w == b"\r\n")? + i;
-            return Some(end + 2);
-        }
-        i += size + 2;
-        if i > b.len() {
-            return None;
-        }
-    }
-}
 
 const BASES: [&[u8]; 4] = [
     b"GET /x?a=1 HTTP/1.1\r\nHost: gw\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
@@ -207,7 +112,8 @@ fn statuses(resp: &[u8]) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_requests_never_confuse_the_gateway() {
-    let (addr, parsed) = raw_upstream().await;
+    let upstream = RecordingUpstream::start().await;
+    let addr = upstream.addr;
     let body = format!(
         "upstreams:\n  u:\n    backends: [{{ addr: \"{addr}\" }}]\n    retries: {{ attempts: 1 }}\n    timeouts: {{ read: 2s, total: 3s }}\nroutes:\n  - {{ name: r, upstream: u }}\n"
     );
@@ -253,7 +159,7 @@ async fn mutated_requests_never_confuse_the_gateway() {
         &bad[..bad.len().min(3)]
     );
     // Every request the upstream parsed was answered to a client: nothing was smuggled.
-    let parsed = parsed.load(Ordering::SeqCst);
+    let parsed = upstream.requests();
     let ok = answered_ok.load(Ordering::SeqCst);
     assert!(
         parsed <= ok,

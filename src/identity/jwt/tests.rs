@@ -374,3 +374,21 @@ fn verified_tokens_are_cached_but_expiry_still_applies() {
     assert_eq!(v.verify(&expired), Err(TokenError::Expired));
     assert_eq!(v.verify(&expired), Err(TokenError::Expired));
 }
+
+/// Found by the `credentials` fuzz target: a cache hit added the leeway to a token's `exp`
+/// without checking for overflow.
+#[test]
+fn a_far_future_exp_is_cached_without_overflow() {
+    let v = verifier(&["RS256"], &[("r", "rsa.pub")], false);
+    for exp in [json!(u64::MAX), json!(1e300)] {
+        let mut c = claims();
+        c["exp"] = exp;
+        let token = sign(Algorithm::RS256, None, &rsa(), &c);
+        let first = v.verify(&token).map(|x| x.subject);
+        assert_eq!(
+            v.verify(&token).map(|x| x.subject),
+            first,
+            "a hit must agree"
+        );
+    }
+}
