@@ -461,12 +461,17 @@ impl Gateway {
             .unwrap_or(0)
     }
 
-    /// Wait for the admin API to report generation 1; `Err(log)` if the process exited.
+    /// Wait for the admin API to report generation 1 and the proxy listener to accept (the
+    /// admin service can start first); `Err(log)` if the process exited.
     async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = self.status().await {
-                if s["config_generation"].as_u64() >= Some(1) {
+                if s["config_generation"].as_u64() >= Some(1)
+                    && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                        .await
+                        .is_ok()
+                {
                     return Ok(());
                 }
             }

@@ -286,6 +286,46 @@ fn cases() -> Vec<Case> {
             true,
             None,
         ),
+        case(
+            "te_chunked_any_case",
+            "RFC 9112 §7: transfer-coding names are case-insensitive",
+            "POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            Proxied,
+            false,
+            Some(b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        case(
+            "chunk_extension",
+            "RFC 9112 §7.1.1: chunk extensions are read, not forwarded",
+            "POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n0\r\n\r\n",
+            Proxied,
+            false,
+            Some(b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        case(
+            "chunk_trailer",
+            "RFC 9112 §7.1.2: trailer fields",
+            "POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",
+            Proxied,
+            false,
+            Some(b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        case(
+            "chunk_size_invalid",
+            "RFC 9112 §7.1: chunk-size = 1*HEXDIG (the head went upstream: that connection is closed)",
+            "POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            Json(400),
+            true,
+            Some(b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        ),
+        case(
+            "chunk_size_overflow",
+            "RFC 9112 §7.1: a chunk-size that cannot be represented (the head went upstream: that connection is closed)",
+            "POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            Json(400),
+            true,
+            Some(b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        ),
         // ---- Content-Length (RFC 9110 §8.6, RFC 9112 §6.3)
         case(
             "cl_negative",
@@ -358,6 +398,14 @@ fn cases() -> Vec<Case> {
             Proxied,
             false,
             Some(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello"),
+        ),
+        case(
+            "cl_leading_zeros",
+            "RFC 9110 §8.6: Content-Length = 1*DIGIT (leading zeros are digits)",
+            "POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 005\r\n\r\nhello",
+            Proxied,
+            false,
+            Some(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 005\r\n\r\nhello"),
         ),
         case(
             "cl_and_te",
@@ -740,6 +788,32 @@ struct Outcome {
     upstream: Option<Vec<u8>>,
     /// Open rows: the follow-up request on the same connection was proxied.
     follow_up_ok: bool,
+    /// A refused request whose head had already gone upstream: that upstream connection was
+    /// closed, never pooled (true when nothing went upstream, or the request was proxied).
+    partial_upstream_closed: bool,
+}
+
+/// What the upstream received since `mark`, once it has stopped changing (the gateway may
+/// answer the client before its own write upstream lands) or equals `expected`.
+async fn settled(
+    up: &RecordingUpstream,
+    mark: &Mark,
+    expected: &Option<Vec<u8>>,
+) -> Vec<(usize, Vec<u8>)> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut last = up.since(mark);
+    loop {
+        let flat: Vec<u8> = last.iter().flat_map(|(_, b)| b.clone()).collect();
+        if expected.as_ref().is_some_and(|e| *e == flat) || Instant::now() > deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = up.since(mark);
+        if now == last && expected.is_none() {
+            return now;
+        }
+        last = now;
+    }
 }
 
 async fn run(gw: &Gateway, up: &RecordingUpstream, c: &Case) -> Outcome {
@@ -756,12 +830,21 @@ async fn run(gw: &Gateway, up: &RecordingUpstream, c: &Case) -> Outcome {
     });
     let mut closed = false;
     let mut follow_up_ok = false;
-    let upstream;
     if c.closed {
         closed = wait_closed(&mut s, Duration::from_secs(3)).await.is_ok();
-        upstream = up.since(&mark);
-    } else {
-        upstream = up.since(&mark);
+    }
+    let upstream = settled(up, &mark, &c.upstream).await;
+    let mut partial_upstream_closed = true;
+    if answer != Some(Answer::Proxied) {
+        for &(conn, _) in &upstream {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while !up.conn(conn).closed && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            partial_upstream_closed &= up.conn(conn).closed;
+        }
+    }
+    if !c.closed {
         let mark = up.mark();
         let sent = s.write_all(FOLLOW_UP).await.is_ok();
         match read_response(&mut s, &mut buf).await {
@@ -780,6 +863,7 @@ async fn run(gw: &Gateway, up: &RecordingUpstream, c: &Case) -> Outcome {
         closed,
         upstream,
         follow_up_ok,
+        partial_upstream_closed,
     }
 }
 
@@ -813,10 +897,11 @@ async fn malformed_requests_table() {
             closed: c.closed,
             upstream: c.upstream.clone(),
             follow_up_ok: !c.closed,
+            partial_upstream_closed: true,
         };
         if got != want {
             failures.push(format!(
-                "{} ({}):\n  want {:?} closed={} upstream={} follow_up_ok={}\n  got  {:?} closed={} upstream={} follow_up_ok={}",
+                "{} ({}):\n  want {:?} closed={} upstream={} follow_up_ok={}\n  got  {:?} closed={} upstream={} follow_up_ok={} partial_upstream_closed={}",
                 c.name,
                 c.rfc,
                 want.answer,
@@ -826,7 +911,8 @@ async fn malformed_requests_table() {
                 got.answer,
                 got.closed,
                 show(&got.upstream),
-                got.follow_up_ok
+                got.follow_up_ok,
+                got.partial_upstream_closed
             ));
         }
     }
