@@ -30,6 +30,8 @@ for f in conf/tollgate.yaml conf/examples/*.yaml; do
 done
 echo "== tests"
 cargo test --locked --workspace --all-targets
+echo "== fuzz (every target ${FUZZ_SECONDS:-5}s; longer by hand: FUZZ_SECONDS=600 scripts/fuzz.sh [target...])"
+FUZZ_TARGET_DIR="$target/fuzz" scripts/fuzz.sh
 echo "== dependency audit (cargo-deny, offline advisory snapshot)"
 scripts/audit.sh
 echo "== all checks passed"
