@@ -95,31 +95,7 @@ impl Admin {
     }
 
     fn upstreams(&self) -> serde_json::Value {
-        let snap = self.control.current.load();
-        let list: Vec<_> = snap
-            .upstreams
-            .iter()
-            .map(|u| {
-                let backends: Vec<_> = u
-                    .spec
-                    .backends
-                    .iter()
-                    .zip(&u.backends)
-                    .map(|(b, s)| {
-                        json!({
-                            "addr": b.addr.to_string(),
-                            "weight": b.weight,
-                            "healthy": s.is_healthy(),
-                            "breaker": s.breaker.state().as_str(),
-                            "breaker_transitions": s.breaker.transitions.load(std::sync::atomic::Ordering::Relaxed),
-                            "in_flight": s.in_flight(),
-                        })
-                    })
-                    .collect();
-                json!({"name": &*u.spec.name, "backends": backends})
-            })
-            .collect();
-        json!({ "upstreams": list })
+        json!({ "upstreams": upstreams_json(&self.control.current.load()) })
     }
 
     fn limits(&self) -> serde_json::Value {
@@ -392,4 +368,31 @@ mod tests {
             assert_eq!(template(undocumented), None, "{undocumented}");
         }
     }
+}
+
+/// Every upstream with its backends' weight, health, breaker and in-flight attempts (shared by
+/// `/admin/upstreams` and `/admin/stats`).
+pub(crate) fn upstreams_json(snap: &crate::snapshot::Snapshot) -> Vec<serde_json::Value> {
+    snap.upstreams
+        .iter()
+        .map(|u| {
+            let backends: Vec<_> = u
+                .spec
+                .backends
+                .iter()
+                .zip(&u.backends)
+                .map(|(b, s)| {
+                    json!({
+                        "addr": b.addr.to_string(),
+                        "weight": b.weight,
+                        "healthy": s.is_healthy(),
+                        "breaker": s.breaker.state().as_str(),
+                        "breaker_transitions": s.breaker.transitions.load(std::sync::atomic::Ordering::Relaxed),
+                        "in_flight": s.in_flight(),
+                    })
+                })
+                .collect();
+            json!({"name": &*u.spec.name, "backends": backends})
+        })
+        .collect()
 }

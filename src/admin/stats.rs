@@ -10,7 +10,6 @@
 //! reload history.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use prometheus::core::Collector;
@@ -142,28 +141,7 @@ pub fn stats(control: &Control) -> Value {
         })
         .collect();
 
-    let upstreams: Vec<Value> = snap
-        .upstreams
-        .iter()
-        .map(|u| {
-            let backends: Vec<Value> = u
-                .spec
-                .backends
-                .iter()
-                .zip(&u.backends)
-                .map(|(b, s)| {
-                    json!({
-                        "addr": b.addr.to_string(),
-                        "healthy": s.is_healthy(),
-                        "breaker": s.breaker.state().as_str(),
-                        "breaker_transitions": s.breaker.transitions.load(Ordering::Relaxed),
-                        "in_flight": s.in_flight(),
-                    })
-                })
-                .collect();
-            json!({"name": &*u.spec.name, "backends": backends})
-        })
-        .collect();
+    let upstreams = super::upstreams_json(&snap);
 
     json!({
         "timestamp_ms": timestamp_ms,
