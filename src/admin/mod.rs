@@ -347,29 +347,6 @@ impl ServeHttp for Admin {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_match_their_templates_only() {
-        assert_eq!(template("/admin/status"), Some("/admin/status"));
-        assert_eq!(template("/admin/keys"), Some("/admin/keys"));
-        assert_eq!(template("/admin/keys/key_1"), Some("/admin/keys/{id}"));
-        for undocumented in [
-            "/",
-            "/admin",
-            "/admin/",
-            "/admin/keys/",
-            "/admin/keys/a/b",
-            "/admin/status/",
-            "/metrics/",
-        ] {
-            assert_eq!(template(undocumented), None, "{undocumented}");
-        }
-    }
-}
-
 /// Every upstream with its backends' weight, health, breaker and in-flight attempts (shared by
 /// `/admin/upstreams` and `/admin/stats`).
 pub(crate) fn upstreams_json(snap: &crate::snapshot::Snapshot) -> Vec<serde_json::Value> {
@@ -395,4 +372,27 @@ pub(crate) fn upstreams_json(snap: &crate::snapshot::Snapshot) -> Vec<serde_json
             json!({"name": &*u.spec.name, "backends": backends})
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_their_templates_only() {
+        assert_eq!(template("/admin/status"), Some("/admin/status"));
+        assert_eq!(template("/admin/keys"), Some("/admin/keys"));
+        assert_eq!(template("/admin/keys/key_1"), Some("/admin/keys/{id}"));
+        for undocumented in [
+            "/",
+            "/admin",
+            "/admin/",
+            "/admin/keys/",
+            "/admin/keys/a/b",
+            "/admin/status/",
+            "/metrics/",
+        ] {
+            assert_eq!(template(undocumented), None, "{undocumented}");
+        }
+    }
 }
