@@ -89,3 +89,42 @@ async fn routing_matrix() {
     assert!(body.contains("not_found"));
     assert_eq!(a.hits() + b.hits() + c.hits(), hits);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_is_not_served_on_the_public_listener() {
+    let up = MockUpstream::start("up").await;
+    let body = format!(
+        "admin: {{ token: \"{ADMIN_TOKEN}\" }}\nupstreams:\n{}routes:\n  - {{ name: api, match: {{ path_prefix: /api }}, upstream: u }}\n",
+        upstream_yaml("u", &[&up], "")
+    );
+    let gw = Gateway::start(&body).await;
+    let client = http();
+    for path in [
+        "/admin/status",
+        "/admin/keys",
+        "/metrics",
+        "/admin/dashboard",
+    ] {
+        // On the public port these are ordinary paths: no route matches them here.
+        let r = client
+            .get(gw.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 404, "{path}");
+        let v: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(v["error"], "not_found", "{path}");
+        assert!(v.get("config_generation").is_none());
+    }
+    let r = client
+        .post(gw.url("/admin/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    // Nothing reached the upstream, and the admin address still serves the API.
+    assert_eq!(up.hits(), 0);
+    assert_eq!(gw.generation().await, 1);
+}
