@@ -460,13 +460,7 @@ impl Gateway {
     }
 
     /// `request_body_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
-    fn request_body_filter_now(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
+    fn request_body_filter_now(&self, body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
         let started = *ctx.body_started.get_or_insert_with(Instant::now);
         if started.elapsed() > ctx.snapshot.server.body_timeout {
             // A trickling body: the whole body must arrive within body_timeout.
@@ -797,7 +791,7 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.request_body_filter_now(_session, body, _end_of_stream, ctx)
+        self.request_body_filter_now(body, ctx)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

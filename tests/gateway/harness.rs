@@ -245,22 +245,10 @@ pub struct RedisServer {
 impl RedisServer {
     pub async fn start() -> Self {
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (install it, or run scripts/test.sh)");
-        let r = Self { port, child };
+        let r = Self {
+            port,
+            child: spawn_redis(port),
+        };
         r.wait_ping().await;
         r
     }
@@ -306,21 +294,7 @@ impl RedisServer {
     }
 
     pub async fn restart(&mut self) {
-        self.child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server");
+        self.child = spawn_redis(self.port);
         self.wait_ping().await;
     }
 }
@@ -331,6 +305,25 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A throwaway redis-server on `port`: loopback only, no persistence.
+fn spawn_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (install it, or run scripts/test.sh)")
 }
 
 fn signal_pid(pid: u32, sig: &str) {
@@ -524,6 +517,25 @@ impl Gateway {
             },
         )
         .await
+    }
+
+    /// One field of every backend of the first upstream, from `/admin/upstreams`.
+    pub async fn backend_field(&self, field: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = http()
+            .get(self.admin("/admin/upstreams"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("admin")
+            .json()
+            .await
+            .expect("json");
+        v["upstreams"][0]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| b[field].clone())
+            .collect()
     }
 
     /// The body of a metrics line, e.g. `tollgate_config_reloads_total{result="error"}`.

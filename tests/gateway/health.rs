@@ -7,19 +7,10 @@ use crate::harness::*;
 const HC: &str = "    health_check: { path: /health, interval: 100ms, timeout: 500ms, healthy_after: 2, unhealthy_after: 3 }\n";
 
 async fn upstream_health(gw: &Gateway) -> Vec<bool> {
-    let v: serde_json::Value = http()
-        .get(gw.admin("/admin/upstreams"))
-        .send()
+    gw.backend_field("healthy")
         .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("json");
-    v["upstreams"][0]["backends"]
-        .as_array()
-        .expect("backends")
         .iter()
-        .map(|b| b["healthy"].as_bool().expect("healthy"))
+        .map(|h| h.as_bool().expect("healthy"))
         .collect()
 }
 

@@ -12,19 +12,10 @@ use crate::harness::*;
 const BREAKER: &str = "    breaker: { failure_rate: 50, min_requests: 4, window: 10s, open_for: 1s, half_open_probes: 1, max_open_percent: 50 }\n";
 
 async fn breakers(gw: &Gateway) -> Vec<String> {
-    let v: Value = http()
-        .get(gw.admin("/admin/upstreams"))
-        .send()
+    gw.backend_field("breaker")
         .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("json");
-    v["upstreams"][0]["backends"]
-        .as_array()
-        .expect("backends")
         .iter()
-        .map(|b| b["breaker"].as_str().expect("state").to_string())
+        .map(|b| b.as_str().expect("state").to_string())
         .collect()
 }
 
