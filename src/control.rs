@@ -51,6 +51,8 @@ pub struct Control {
     pub draining: Arc<AtomicBool>,
     /// Rate-limit state (outlives snapshots).
     pub limiter: Arc<Limiter>,
+    /// The response cache (outlives snapshots; its capacity follows the config).
+    pub cache: Arc<crate::cache::ResponseCache>,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
     redis: Mutex<Option<RedisHandle>>,
@@ -72,6 +74,7 @@ impl Control {
             early_hup,
             draining: Arc::new(AtomicBool::new(false)),
             limiter: Arc::new(Limiter::default()),
+            cache: Arc::new(crate::cache::ResponseCache::new(config.cache.max_bytes)),
             phases: Mutex::new(None),
             initial: Mutex::new(Some(config)),
             redis: Mutex::new(None),
@@ -163,6 +166,7 @@ impl Control {
                 snapshot.limits.assume_nodes,
                 std::sync::atomic::Ordering::Relaxed,
             );
+            self.cache.set_capacity(snapshot.cache.max_bytes);
             self.current.store(Arc::new(snapshot));
             log::info!("config generation 1 loaded from {}", self.path.display());
         }
@@ -209,6 +213,7 @@ impl Control {
                 let generation = old.generation + 1;
                 let shared = self.shared_for(config.redis.as_ref());
                 let snapshot = Snapshot::build(config, generation, &self.book, shared).await;
+                self.cache.set_capacity(snapshot.cache.max_bytes);
                 self.current.store(Arc::new(snapshot));
                 // Probes follow the published snapshot: removed backends stop being checked.
                 self.current.load().commit_health(&self.book);

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod breaker;
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -172,6 +172,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
             current: control.current.clone(),
             draining: control.draining.clone(),
             limiter: control.limiter.clone(),
+            cache: control.cache.clone(),
         },
         server.configuration.clone(),
     );

@@ -63,6 +63,49 @@ pub static BACKEND_HEALTHY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("static metric definition")
 });
 
+pub static CACHE_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_cache_requests_total",
+        "Requests on cached routes by route and cache result (hit | stale | stale_error | miss | expired | bypass)",
+        &["route", "result"]
+    )
+    .expect("static metric definition")
+});
+
+pub static CACHE_STORES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_cache_stores_total",
+        "Upstream responses on cached routes by route and what became of them (stored | uncacheable | too_large)",
+        &["route", "result"]
+    )
+    .expect("static metric definition")
+});
+
+pub static CACHE_REVALIDATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_cache_revalidations_total",
+        "Background refreshes of stale entries by route and result (updated | not_modified | uncacheable | failed)",
+        &["route", "result"]
+    )
+    .expect("static metric definition")
+});
+
+pub static CACHE_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_cache_entries",
+        "Responses held in the in-process cache"
+    )
+    .expect("static metric definition")
+});
+
+pub static CACHE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tollgate_cache_bytes",
+        "Bytes held in the in-process cache (bodies, headers and keys)"
+    )
+    .expect("static metric definition")
+});
+
 pub static REDIS_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tollgate_redis_errors_total",

@@ -34,6 +34,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::breaker;
+use crate::cache::{self, ResponseCache};
 use crate::config::schema::UnderscoreHeaders;
 use crate::error::{self, GatewayError};
 use crate::identity::{self, Identity};
@@ -52,6 +53,7 @@ pub struct Gateway {
     pub limiter: Arc<Limiter>,
     /// True while handing over to a new process or shutting down (see `control`).
     pub draining: Arc<AtomicBool>,
+    pub cache: Arc<ResponseCache>,
 }
 
 /// Per-request state. The snapshot `Arc` is taken once here and kept to the end.
@@ -81,6 +83,10 @@ pub struct Ctx {
     /// The current attempt counted in its backend's `in_flight`; replaced by the next attempt,
     /// cleared when the request is logged, and released on drop whatever happened.
     in_flight: Option<crate::health::InFlight>,
+    /// Routes with a cache policy only.
+    cache: Option<Box<cache::Ctx>>,
+    /// The upstream failed and an old cached response will answer instead (stale-if-error).
+    serve_stale: bool,
 }
 
 impl Ctx {
@@ -125,7 +131,7 @@ fn strip_hop_by_hop(headers: &http::HeaderMap, mut remove: impl FnMut(&str), kee
     }
 }
 
-fn clean_response(resp: &mut ResponseHeader, upgraded: bool) {
+pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool) {
     // Most responses carry none of them: look before touching the maps.
     if !HOP_BY_HOP.iter().any(|h| resp.headers.contains_key(h))
         && !resp.headers.contains_key(header::SERVER)
@@ -156,6 +162,11 @@ fn request_host(req: &RequestHeader) -> &str {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
+}
+
+/// The route name for cache metrics.
+fn cache_route(ctx: &Ctx) -> &str {
+    ctx.route.map_or("", |i| &ctx.snapshot.routes[i].name)
 }
 
 /// A bounded label index for the method (clients can send any token): see `metrics::METHODS`.
@@ -407,12 +418,100 @@ impl Gateway {
                 }
             }
         }
-        let upstream = &snapshot.upstreams[route.upstream];
-        if !upstream.any_healthy() {
-            let retry_after = u32::try_from(upstream.retry_after_secs()).unwrap_or(u32::MAX);
-            return Err(GatewayError::NoHealthyBackend { retry_after });
-        }
         Ok(())
+    }
+
+    /// A backend to send the request to exists (checked after the cache had its chance).
+    fn available(ctx: &Ctx) -> std::result::Result<(), GatewayError> {
+        match ctx.upstream() {
+            Some(u) if !u.any_healthy() => {
+                let retry_after = u32::try_from(u.retry_after_secs()).unwrap_or(u32::MAX);
+                Err(GatewayError::NoHealthyBackend { retry_after })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// On a cached route: the entry to answer with now, if any. Sets up `ctx.cache` for the
+    /// trip upstream otherwise (the key, and an old entry for stale-if-error).
+    fn cache_lookup(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> Option<(Arc<cache::Entry>, cache::Status)> {
+        let index = ctx.route?;
+        let snapshot = ctx.snapshot.clone();
+        let route = &snapshot.routes[index];
+        let policy = route.cache.as_ref()?;
+        let body_empty = session.is_body_empty();
+        let req = session.req_header();
+        let mut state = cache::Ctx {
+            key: String::new(),
+            status: cache::Status::Bypass,
+            fallback: None,
+            origin: None,
+            capture: None,
+        };
+        let mut serve = None;
+        if !cache::bypass(policy, req, body_empty) {
+            let host = route::normalize_host(request_host(req));
+            let consumer = ctx.identity.as_ref().and_then(|i| i.consumer.as_deref());
+            state.key = cache::key(&route.name, &host, req, policy, consumer);
+            state.status = match self.cache.lookup_l1(&state.key, breaker::now_ms()) {
+                cache::Lookup::Fresh(e) => {
+                    serve = Some(e);
+                    cache::Status::Hit
+                }
+                cache::Lookup::Stale(e) => {
+                    cache::spawn_revalidation(
+                        self.cache.clone(),
+                        snapshot.clone(),
+                        index,
+                        state.key.clone(),
+                        e.clone(),
+                    );
+                    serve = Some(e);
+                    cache::Status::Stale
+                }
+                cache::Lookup::Expired(old) => {
+                    state.fallback = old;
+                    cache::Status::Expired
+                }
+                cache::Lookup::Miss => cache::Status::Miss,
+            };
+        }
+        metrics::CACHE_REQUESTS
+            .with_label_values(&[&route.name, state.status.as_str()])
+            .inc();
+        let status = state.status;
+        ctx.cache = Some(Box::new(state));
+        serve.map(|e| (e, status))
+    }
+
+    /// Answer with a cached response (with this request's id and rate-limit headers).
+    async fn serve_cached(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        entry: &cache::Entry,
+        status: cache::Status,
+    ) -> Result<()> {
+        if let Some(c) = ctx.cache.as_deref_mut() {
+            c.status = status;
+        }
+        let mut h = cache::response_for(entry, status, breaker::now_ms())?;
+        if ctx.snapshot.server.request_id_header {
+            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+                h.insert_header(H_REQUEST_ID, v)?;
+            }
+        }
+        for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
+            h.insert_header(name, value)?;
+        }
+        let head = session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(h), false).await?;
+        let body = (!head && !entry.body.is_empty()).then(|| entry.body.clone());
+        session.write_response_body(body, true).await
     }
 }
 
@@ -491,6 +590,13 @@ impl Gateway {
             .is_some_and(|u| u.spec.retry_on.contains(&status))
             && replayable(session)
             && self.may_retry(ctx);
+        let stale = status >= 500
+            && !retry_this
+            && ctx.cache.as_ref().is_some_and(|c| c.fallback.is_some());
+        if stale {
+            ctx.serve_stale = true;
+            return Error::e_explain(ErrorType::HTTPStatus(status), "serving stale instead");
+        }
         if retry_this {
             // Not sent downstream yet: drop it and try another backend (see error_while_proxy).
             ctx.status_retry = true;
@@ -637,6 +743,9 @@ impl Gateway {
         let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
             && session.is_upgrade_req();
         clean_response(upstream_response, upgraded);
+        if ctx.cache.is_some() {
+            self.cache_capture(session, upstream_response, ctx)?;
+        }
         if ctx.snapshot.server.request_id_header {
             if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
                 upstream_response.insert_header(H_REQUEST_ID, v)?;
@@ -645,6 +754,49 @@ impl Gateway {
         for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
             upstream_response.insert_header(name, value)?;
         }
+        Ok(())
+    }
+
+    /// On a cached route, going upstream: keep a copy of a storable response as it passes.
+    fn cache_capture(
+        &self,
+        session: &Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(c) = ctx.cache.as_deref_mut() else {
+            return Ok(());
+        };
+        let snapshot = &ctx.snapshot;
+        let route = ctx.route.map(|i| &snapshot.routes[i]);
+        if let (Some(route), Some(policy)) = (route, route.and_then(|r| r.cache.as_ref())) {
+            if c.origin.is_some() && session.req_header().method == http::Method::GET {
+                let declared = resp
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok());
+                let outcome = if declared.is_some_and(|n| n > policy.max_body) {
+                    Some("too_large")
+                } else if let Some(times) = cache::storable(policy, resp, breaker::now_ms()) {
+                    c.capture = Some(cache::Capture {
+                        header: resp.clone(),
+                        body: bytes::BytesMut::new(),
+                        times,
+                        max_body: policy.max_body,
+                    });
+                    None
+                } else {
+                    Some("uncacheable")
+                };
+                if let Some(result) = outcome {
+                    metrics::CACHE_STORES
+                        .with_label_values(&[&route.name, result])
+                        .inc();
+                }
+            }
+        }
+        resp.insert_header("X-Cache-Status", c.status.header())?;
         Ok(())
     }
 
@@ -719,7 +871,7 @@ impl Gateway {
                 limit::Outcome::Decided { .. } => "limited",
                 limit::Outcome::Unavailable => "unavailable",
             },
-            cache: "none",
+            cache: ctx.cache.as_ref().map_or("none", |c| c.status.as_str()),
             retries: ctx.tries.saturating_sub(1),
             error: ctx.error.map(GatewayError::code),
         };
@@ -752,6 +904,8 @@ impl ProxyHttp for Gateway {
             upstream_started: None,
             upstream_took: None,
             in_flight: None,
+            cache: None,
+            serve_stale: false,
         }
     }
 
@@ -765,8 +919,25 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let err = self.admit(session, ctx).await.err();
-        match err {
+        let mut verdict = self.admit(session, ctx).await;
+        if verdict.is_ok() {
+            if let Some((entry, status)) = self.cache_lookup(session, ctx) {
+                self.serve_cached(session, ctx, &entry, status).await?;
+                return Ok(true);
+            }
+            verdict = Self::available(ctx);
+        }
+        if let Err(GatewayError::NoHealthyBackend { .. }) = verdict {
+            if let Some(old) = ctx.cache.as_ref().and_then(|c| c.fallback.clone()) {
+                metrics::CACHE_REQUESTS
+                    .with_label_values(&[cache_route(ctx), "stale_error"])
+                    .inc();
+                self.serve_cached(session, ctx, &old, cache::Status::StaleError)
+                    .await?;
+                return Ok(true);
+            }
+        }
+        match verdict.err() {
             None => Ok(false),
             Some(err) => {
                 // Answered here, before any body is read: close unless there is no body, and
@@ -879,13 +1050,11 @@ impl ProxyHttp for Gateway {
             .total
             .checked_sub(ctx.started.elapsed())
             .unwrap_or(Duration::from_millis(1));
-        let mut peer = HttpPeer::new(spec.backends[index].addr, false, String::new());
-        peer.options.connection_timeout = Some(t.connect.min(remaining));
-        peer.options.total_connection_timeout = Some(t.connect.min(remaining));
-        peer.options.read_timeout = Some(t.read.min(remaining));
-        peer.options.write_timeout = Some(t.write.min(remaining));
-        peer.options.idle_timeout = Some(t.idle);
-        Ok(Box::new(peer))
+        Ok(Box::new(crate::upstream::peer(
+            spec.backends[index].addr,
+            &t,
+            remaining,
+        )))
     }
 
     fn fail_to_connect(
@@ -924,6 +1093,11 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
+        if ctx.serve_stale {
+            // A 5xx answer replaced by a stale cached response (fail_to_proxy).
+            e.set_retry(false);
+            return e;
+        }
         if std::mem::take(&mut ctx.status_retry) {
             // Our own retry of a 502/503/504 response: already decided and counted.
             e.set_retry(true);
@@ -964,7 +1138,16 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.upstream_request_filter_now(session, upstream_request, ctx)
+        self.upstream_request_filter_now(session, upstream_request, ctx)?;
+        if let Some(c) = ctx.cache.as_deref_mut() {
+            // Kept to revalidate the entry later: the request exactly as the backend sees it.
+            if matches!(c.status, cache::Status::Miss | cache::Status::Expired)
+                && upstream_request.method == http::Method::GET
+            {
+                c.origin = Some(upstream_request.clone());
+            }
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -974,6 +1157,25 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         self.response_filter_now(session, upstream_response, ctx)
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(c) = ctx.cache.as_deref_mut() {
+            if c.capture.is_some() {
+                let route = ctx.route.map_or("", |i| &ctx.snapshot.routes[i].name);
+                if let Some(entry) = c.feed(route, body.as_ref(), end_of_stream) {
+                    cache::store_l2(&ctx.snapshot, &c.key, &entry);
+                    self.cache.insert(c.key.clone(), entry);
+                }
+            }
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -988,6 +1190,30 @@ impl ProxyHttp for Gateway {
                 error_code: 0,
                 can_reuse_downstream: false,
             };
+        }
+        // stale-if-error: an old cached response answers instead of the error.
+        let fallback = ctx.cache.as_ref().and_then(|c| c.fallback.clone());
+        if let (None, Some(old)) = (session.response_written(), fallback) {
+            metrics::CACHE_REQUESTS
+                .with_label_values(&[cache_route(ctx), "stale_error"])
+                .inc();
+            ctx.error = None;
+            match self
+                .serve_cached(session, ctx, &old, cache::Status::StaleError)
+                .await
+            {
+                Ok(()) => {
+                    log::info!(
+                        "upstream failed ({}); served a stale cached response",
+                        err.code()
+                    );
+                    return FailToProxy {
+                        error_code: 0,
+                        can_reuse_downstream: false,
+                    };
+                }
+                Err(we) => log::debug!("could not send the stale response: {we}"),
+            }
         }
         if session.response_written().is_none() {
             ensure_request_id(session, ctx);

@@ -98,6 +98,8 @@ pub struct Route {
     pub shed: Option<crate::shed::ShedSpec>,
     /// Request body limit in bytes.
     pub max_body: Option<u64>,
+    /// Response cache policy; `None` = not cached.
+    pub cache: Option<crate::cache::Policy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +203,7 @@ mod tests {
             timeouts: None,
             shed: None,
             max_body: None,
+            cache: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub shared: Option<Shared>,
     pub admin_token: Option<String>,
     pub limits: crate::limit::Settings,
+    /// Response cache settings (the cache itself outlives snapshots: `Control::cache`).
+    pub cache: crate::cache::Settings,
     /// Per route (same order as `routes`): its in-flight limiter.
     pub route_shed: Vec<Option<Arc<Shedder>>>,
     pub global_shed: Option<Arc<Shedder>>,
@@ -127,6 +129,7 @@ impl Snapshot {
             shared,
             admin_token: config.admin_token,
             limits: config.limits,
+            cache: config.cache,
             route_shed: Vec::new(),
             global_shed: None,
             route_metrics,

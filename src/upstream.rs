@@ -18,6 +18,22 @@ use crate::breaker::{self, Admit, BreakerSpec, BudgetSpec, Outcome, RetryBudget,
 use crate::health::BackendState;
 use crate::metrics;
 
+/// A plain-HTTP peer for `addr` with every timeout set (pingora's defaults are none), none
+/// longer than what is `remaining` of the request's total time.
+pub fn peer(
+    addr: SocketAddr,
+    t: &Timeouts,
+    remaining: Duration,
+) -> pingora_core::upstreams::peer::HttpPeer {
+    let mut peer = pingora_core::upstreams::peer::HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(t.connect.min(remaining));
+    peer.options.total_connection_timeout = Some(t.connect.min(remaining));
+    peer.options.read_timeout = Some(t.read.min(remaining));
+    peer.options.write_timeout = Some(t.write.min(remaining));
+    peer.options.idle_timeout = Some(t.idle);
+    peer
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSpec {
     pub name: Arc<str>,

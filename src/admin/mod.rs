@@ -36,6 +36,8 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("GET", "/admin/stats"),
     ("GET", "/admin/dashboard"),
     ("POST", "/admin/reload"),
+    ("GET", "/admin/cache"),
+    ("DELETE", "/admin/cache"),
     ("GET", "/admin/keys"),
     ("POST", "/admin/keys"),
     ("DELETE", "/admin/keys/{id}"),
@@ -335,6 +337,25 @@ impl ServeHttp for Admin {
             "/admin/limits" => json_response(200, self.limits()),
             "/admin/stats" => json_response(200, stats::stats(&self.control)),
             "/admin/dashboard" => dashboard::response(),
+            "/admin/cache" if method == Method::DELETE => {
+                let purged = self.control.cache.purge();
+                log::info!("cache purged by the admin API ({purged} entries)");
+                json_response(200, json!({ "purged": purged }))
+            }
+            "/admin/cache" => {
+                let snap = self.control.current.load();
+                json_response(
+                    200,
+                    json!({
+                        "entries": self.control.cache.entries(),
+                        "bytes": self.control.cache.bytes(),
+                        "max_bytes": snap.cache.max_bytes,
+                        "redis": snap.cache.redis,
+                        "routes": snap.routes.iter().filter(|r| r.cache.is_some())
+                            .map(|r| r.name.to_string()).collect::<Vec<_>>(),
+                    }),
+                )
+            }
             "/admin/reload" => match self.control.request_reload().await {
                 Some(outcome) => {
                     let status = if outcome.ok { 200 } else { 422 };

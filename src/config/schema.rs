@@ -26,6 +26,9 @@ pub struct FileConfig {
     pub admin: AdminSection,
     #[serde(default)]
     pub rate_limit: RateLimitSection,
+    /// Response cache capacity and levels (routes opt in with `routes[].cache`).
+    #[serde(default)]
+    pub cache: CacheSection,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
@@ -456,6 +459,74 @@ pub struct RouteSection {
     /// Request body size limit (413 beyond it); `1MiB`, `512KiB`, or bytes.
     #[serde(default, deserialize_with = "opt_size")]
     pub max_body: Option<u64>,
+    /// Cache this route's responses (see `cache` in the README).
+    #[serde(default)]
+    pub cache: Option<RouteCacheSection>,
+}
+
+/// Process-wide cache settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// In-process (L1) capacity: bodies, headers and keys.
+    #[serde(default = "default_cache_size", deserialize_with = "size")]
+    pub max_size: u64,
+    /// Also keep entries in Redis, shared by every node (needs `redis:`).
+    #[serde(default)]
+    pub redis: bool,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            max_size: default_cache_size(),
+            redis: false,
+        }
+    }
+}
+
+/// A route's cache policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheSection {
+    /// Freshness when the upstream sends no `max-age`/`s-maxage`.
+    #[serde(default = "default_cache_ttl", deserialize_with = "duration")]
+    pub ttl: Duration,
+    /// After freshness, serve the old response at once while one request refreshes it.
+    #[serde(default, deserialize_with = "duration")]
+    pub stale_while_revalidate: Duration,
+    /// After freshness, serve the old response when the upstream fails.
+    #[serde(default, deserialize_with = "duration")]
+    pub stale_if_error: Duration,
+    /// Larger responses are passed through, not stored.
+    #[serde(default = "default_cache_body", deserialize_with = "size")]
+    pub max_body: u64,
+    /// Request headers whose values are part of the key.
+    #[serde(default)]
+    pub vary: Vec<String>,
+    /// `shared` or `consumer` (the consumer is part of the key). Default: `consumer` when the
+    /// route authenticates, `shared` otherwise.
+    #[serde(default)]
+    pub scope: Option<CacheScope>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    Shared,
+    Consumer,
+}
+
+fn default_cache_size() -> u64 {
+    64 << 20
+}
+
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_cache_body() -> u64 {
+    1 << 20
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -89,3 +89,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn cache_settings_are_checked_where_written() {
+    let text = GOOD
+        .replace(
+            "{ name: r, upstream: u }",
+            "{ name: r, upstream: u, cache: { ttl: 0s, vary: [\"bad header\"], scope: consumer } }",
+        )
+        .replace("routes:", "cache: { redis: true }\nroutes:");
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("invalid");
+    let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "cache.redis",
+            "routes[0].cache.ttl",
+            "routes[0].cache.vary[0]",
+            "routes[0].cache.scope"
+        ],
+        "{errs:?}"
+    );
+    assert!(errs.iter().all(|e| e.line > 0 && e.column > 0), "{errs:?}");
+    let ok = GOOD.replace(
+        "{ name: r, upstream: u }",
+        "{ name: r, upstream: u, cache: { ttl: 30s, stale_while_revalidate: 1m, vary: [accept-language] } }",
+    );
+    let c = load_str(Path::new("t.yaml"), &ok).expect("valid");
+    let p = c.routes[0].cache.as_ref().expect("cache policy");
+    assert_eq!(p.ttl, std::time::Duration::from_secs(30));
+    assert_eq!(p.stale_while_revalidate, std::time::Duration::from_secs(60));
+    assert!(!p.per_consumer);
+    assert_eq!(c.cache.max_bytes, 64 << 20);
+}

@@ -35,6 +35,7 @@ pub struct GatewayConfig {
     /// Bearer token for /admin/* (resolved from `admin.token` or `admin.token_env`).
     pub admin_token: Option<String>,
     pub limits: limit::Settings,
+    pub cache: crate::cache::Settings,
 }
 
 /// A tier's policy (limits are enforced by the rate limiter).
@@ -146,6 +147,7 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
     let identity = compile_identity(&mut c, &file, &tier_index, &tiers, base_dir);
     let admin_token = compile_admin(&mut c, &file.admin);
     let limits = compile_limits(&mut c, &file);
+    let cache = compile_cache(&mut c, &file);
     let tier_algos: Vec<Option<Algo>> = tiers.iter().map(tier_algo).collect();
 
     let mut upstreams = Vec::with_capacity(file.upstreams.len());
@@ -197,6 +199,7 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
             identity: Arc::new(identity),
             admin_token,
             limits,
+            cache,
         })
     } else {
         Err(c.problems)
@@ -1042,5 +1045,76 @@ fn compile_route(
         max_body: r.max_body,
         timeouts: r.timeouts.as_ref().map(|t| compile_timeouts(c, at, t)),
         compression,
+        cache: r
+            .cache
+            .as_ref()
+            .map(|cache| compile_route_cache(c, at, cache, mode)),
     })
+}
+
+fn compile_cache(c: &mut Check, file: &FileConfig) -> crate::cache::Settings {
+    let s = &file.cache;
+    if s.max_size < 1 << 20 {
+        c.err("cache.max_size", "must be at least 1MiB");
+    }
+    if s.redis && file.redis.is_none() {
+        c.err("cache.redis", "needs a `redis:` section");
+    }
+    crate::cache::Settings {
+        max_bytes: s.max_size,
+        redis: s.redis,
+    }
+}
+
+fn compile_route_cache(
+    c: &mut Check,
+    at: &str,
+    s: &schema::RouteCacheSection,
+    mode: Mode,
+) -> crate::cache::Policy {
+    c.positive(format!("{at}.cache.ttl"), s.ttl);
+    if s.max_body == 0 || s.max_body > 64 << 20 {
+        c.err(
+            format!("{at}.cache.max_body"),
+            "must be between 1 byte and 64MiB",
+        );
+    }
+    let vary = s
+        .vary
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                c.err(
+                    format!("{at}.cache.vary[{i}]"),
+                    format!("invalid header name {name:?}"),
+                );
+                None
+            }
+        })
+        .collect();
+    let authenticated = mode != Mode::None;
+    let per_consumer = match s.scope {
+        Some(schema::CacheScope::Consumer) => {
+            if !authenticated {
+                c.err(
+                    format!("{at}.cache.scope"),
+                    "`consumer` needs `auth: required` or `optional` on the route",
+                );
+            }
+            true
+        }
+        Some(schema::CacheScope::Shared) => false,
+        None => authenticated,
+    };
+    crate::cache::Policy {
+        ttl: s.ttl,
+        stale_while_revalidate: s.stale_while_revalidate,
+        stale_if_error: s.stale_if_error,
+        max_body: usize::try_from(s.max_body).unwrap_or(usize::MAX),
+        vary,
+        per_consumer,
+        authenticated,
+    }
 }

@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod balancing;
 mod browser;
+mod cache;
 mod health;
 mod hygiene;
 mod identity;
