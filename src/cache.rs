@@ -158,6 +158,8 @@ pub struct ResponseCache {
     /// Keys with a background revalidation in flight (one at a time per key).
     refreshing: Mutex<HashSet<String>>,
     connector: OnceLock<Connector>,
+    /// The cluster-wide purge epoch (Redis L2 keys live under it).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Default for ResponseCache {
@@ -172,6 +174,7 @@ impl ResponseCache {
             l1: quick_cache::sync::Cache::with_weighter(4096, max_bytes.max(1), Weigh),
             refreshing: Mutex::new(HashSet::new()),
             connector: OnceLock::new(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -463,7 +466,7 @@ pub fn spawn_revalidation(
         cache.end_refresh(&key);
         let label = match result {
             Ok((Some(fresh), label)) => {
-                store_l2(&snapshot, &key, &fresh);
+                store_l2(&snapshot, cache.epoch(), &key, &fresh);
                 cache.insert(key, fresh);
                 label
             }
@@ -593,9 +596,166 @@ async fn revalidate(
     }
 }
 
-/// Write an entry to Redis in the background, when L2 is on (errors only count as Redis errors).
-pub fn store_l2(snapshot: &Snapshot, key: &str, entry: &Arc<Entry>) {
-    let _ = (snapshot, key, entry);
+/// An entry as kept in Redis (postcard-encoded). `v` changes with the layout: other versions
+/// are misses.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wire {
+    v: u8,
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    stored_ms: u64,
+    fresh_until: u64,
+    stale_until: u64,
+    error_until: u64,
+    method: String,
+    uri: String,
+    origin_headers: Vec<(String, Vec<u8>)>,
+}
+
+const WIRE_VERSION: u8 = 1;
+
+fn header_pairs(h: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    h.iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+pub fn encode(e: &Entry) -> Option<Vec<u8>> {
+    postcard::to_stdvec(&Wire {
+        v: WIRE_VERSION,
+        status: e.header.status.as_u16(),
+        headers: header_pairs(&e.header.headers),
+        body: e.body.to_vec(),
+        stored_ms: e.stored_ms,
+        fresh_until: e.fresh_until,
+        stale_until: e.stale_until,
+        error_until: e.error_until,
+        method: e.origin.method.as_str().to_string(),
+        uri: e.origin.uri.to_string(),
+        origin_headers: header_pairs(&e.origin.headers),
+    })
+    .ok()
+}
+
+/// `None` for anything that is not a well-formed entry of this version (a miss, never an error).
+pub fn decode(bytes: &[u8]) -> Option<Entry> {
+    let w: Wire = postcard::from_bytes(bytes).ok()?;
+    if w.v != WIRE_VERSION {
+        return None;
+    }
+    let mut header = ResponseHeader::build(w.status, Some(w.headers.len())).ok()?;
+    for (k, v) in w.headers {
+        header
+            .append_header(k, http::HeaderValue::from_bytes(&v).ok()?)
+            .ok()?;
+    }
+    let mut origin = RequestHeader::build(
+        w.method.as_str(),
+        w.uri.as_bytes(),
+        Some(w.origin_headers.len()),
+    )
+    .ok()?;
+    for (k, v) in w.origin_headers {
+        origin
+            .append_header(k, http::HeaderValue::from_bytes(&v).ok()?)
+            .ok()?;
+    }
+    Some(Entry {
+        header,
+        body: Bytes::from(w.body),
+        stored_ms: w.stored_ms,
+        fresh_until: w.fresh_until,
+        stale_until: w.stale_until,
+        error_until: w.error_until,
+        origin,
+    })
+}
+
+/// The Redis key of a cache key: hashed (keys hold paths and consumer ids), under the current
+/// purge epoch (a purge moves every node to new keys; old ones expire on their own).
+fn l2_key(epoch: u64, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    format!("tollgate:cache:{epoch}:{}", hex::encode(&digest[..16]))
+}
+
+/// Where the purge epoch lives (one key, read by every node each second).
+pub const EPOCH_KEY: &str = "tollgate:{tg}:cache:epoch";
+
+impl ResponseCache {
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Follow the cluster-wide purge epoch: a change empties this node's L1 too.
+    pub fn observe_epoch(&self, epoch: u64) {
+        let old = self.epoch.swap(epoch, std::sync::atomic::Ordering::Relaxed);
+        if old != epoch {
+            let n = self.purge();
+            if n > 0 {
+                log::info!("cache purged by another node ({n} entries)");
+            }
+        }
+    }
+}
+
+/// Look `key` up in Redis (after an L1 miss). Redis down, slow or holding garbage: a miss.
+pub async fn lookup_l2(
+    cache: &ResponseCache,
+    snapshot: &Snapshot,
+    key: &str,
+) -> Option<Arc<Entry>> {
+    let shared = snapshot.shared.as_ref().filter(|_| snapshot.cache.redis)?;
+    let rkey = l2_key(cache.epoch(), key);
+    let got = shared
+        .store
+        .call("cache_get", |mut c| async move {
+            redis::cmd("GET")
+                .arg(rkey)
+                .query_async::<Option<Vec<u8>>>(&mut c)
+                .await
+        })
+        .await;
+    let result = match &got {
+        Ok(Some(_)) => "hit",
+        Ok(None) => "miss",
+        Err(_) => "error",
+    };
+    metrics::CACHE_REDIS.with_label_values(&[result]).inc();
+    let entry = Arc::new(decode(&got.ok()??)?);
+    cache.insert(key.to_string(), entry.clone());
+    Some(entry)
+}
+
+/// Write an entry to Redis in the background when L2 is on; it expires when it can no longer be
+/// served. Failures are counted (Redis errors), never waited for.
+pub fn store_l2(snapshot: &Snapshot, epoch: u64, key: &str, entry: &Arc<Entry>) {
+    let Some(shared) = snapshot.shared.as_ref().filter(|_| snapshot.cache.redis) else {
+        return;
+    };
+    let ttl_ms = entry.error_until.saturating_sub(now_ms());
+    if ttl_ms == 0 {
+        return;
+    }
+    let Some(bytes) = encode(entry) else { return };
+    let store = shared.store.clone();
+    let rkey = l2_key(epoch, key);
+    tokio::spawn(async move {
+        let r = store
+            .call("cache_set", |mut c| async move {
+                redis::cmd("SET")
+                    .arg(rkey)
+                    .arg(bytes)
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        let result = if r.is_ok() { "stored" } else { "error" };
+        metrics::CACHE_REDIS.with_label_values(&[result]).inc();
+    });
 }
 
 #[cfg(test)]
@@ -750,5 +910,43 @@ mod tests {
         let n = cache.entries();
         assert_eq!(cache.purge(), n);
         assert_eq!(cache.entries(), 0);
+    }
+
+    #[test]
+    fn redis_entries_round_trip_and_garbage_is_a_miss() {
+        let mut origin = RequestHeader::build("GET", b"/a?b=c", None).expect("req");
+        origin.insert_header("x-consumer-id", "alice").expect("h");
+        let e = Entry {
+            header: resp(200, &[("content-type", "text/plain"), ("etag", "\"1\"")]),
+            body: Bytes::from_static(b"hello"),
+            stored_ms: 1,
+            fresh_until: 2,
+            stale_until: 3,
+            error_until: 4,
+            origin,
+        };
+        let back = decode(&encode(&e).expect("encode")).expect("decode");
+        assert_eq!(back.body, e.body);
+        assert_eq!(back.header.status, 200);
+        assert_eq!(back.header.headers.get("etag").expect("etag"), "\"1\"");
+        assert_eq!(back.origin.uri, "/a?b=c");
+        assert_eq!(
+            back.origin.headers.get("x-consumer-id").expect("h"),
+            "alice"
+        );
+        assert_eq!(
+            (
+                back.stored_ms,
+                back.fresh_until,
+                back.stale_until,
+                back.error_until
+            ),
+            (1, 2, 3, 4)
+        );
+        assert!(decode(b"").is_none());
+        assert!(decode(b"not an entry at all").is_none());
+        let mut other_version = encode(&e).expect("encode");
+        other_version[0] = 99;
+        assert!(decode(&other_version).is_none());
     }
 }

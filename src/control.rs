@@ -130,6 +130,7 @@ impl Control {
                     tokio::spawn(issued.clone().follow_revocations(stopped.clone()));
                     tokio::spawn(limiter_tasks(
                         self.limiter.clone(),
+                        self.cache.clone(),
                         store.clone(),
                         self.current.clone(),
                         stopped,
@@ -243,10 +244,54 @@ impl Control {
     }
 }
 
+/// Read the cluster-wide cache purge epoch (each second, with the heartbeat).
+async fn follow_cache_epoch(cache: &crate::cache::ResponseCache, store: &Store) {
+    let epoch = store
+        .call("cache_epoch", |mut c| async move {
+            redis::cmd("GET")
+                .arg(crate::cache::EPOCH_KEY)
+                .query_async::<Option<u64>>(&mut c)
+                .await
+        })
+        .await;
+    if let Ok(epoch) = epoch {
+        cache.observe_epoch(epoch.unwrap_or(0));
+    }
+}
+
+/// Purge the cache: this node's L1 at once and, with a Redis L2, every node's (the epoch moves:
+/// other nodes follow within a second). Returns this node's purged entries and whether the
+/// cluster-wide purge reached Redis.
+pub async fn purge_cache(control: &Control) -> (usize, Option<bool>) {
+    let purged = control.cache.purge();
+    let snap = control.current.load_full();
+    let shared = snap.shared.as_ref().filter(|_| snap.cache.redis);
+    let cluster = match shared {
+        Some(shared) => {
+            let r = shared
+                .store
+                .call("cache_purge", |mut c| async move {
+                    redis::cmd("INCR")
+                        .arg(crate::cache::EPOCH_KEY)
+                        .query_async::<u64>(&mut c)
+                        .await
+                })
+                .await;
+            if let Ok(epoch) = r {
+                control.cache.observe_epoch(epoch);
+            }
+            Some(r.is_ok())
+        }
+        None => None,
+    };
+    (purged, cluster)
+}
+
 /// The limiter's Redis chores while a Redis spec is in use: the node heartbeat (every second)
 /// and, in batched mode, the delta sync (every `rate_limit.sync_interval`).
 async fn limiter_tasks(
     limiter: Arc<Limiter>,
+    cache: Arc<crate::cache::ResponseCache>,
     store: Arc<Store>,
     current: SharedSnapshot,
     mut stop: watch::Receiver<bool>,
@@ -258,6 +303,9 @@ async fn limiter_tasks(
         let now = tokio::time::Instant::now();
         if now >= next_beat {
             let _ = limiter.nodes.heartbeat(&store, beat).await;
+            if current.load().cache.redis {
+                follow_cache_epoch(&cache, &store).await;
+            }
             next_beat = now + beat;
         }
         let wait = if settings.mode == crate::limit::Mode::Batched {

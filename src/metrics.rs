@@ -90,6 +90,15 @@ pub static CACHE_REVALIDATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("static metric definition")
 });
 
+pub static CACHE_REDIS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_cache_redis_total",
+        "Second-level (Redis) cache operations by result (hit | miss | stored | error)",
+        &["result"]
+    )
+    .expect("static metric definition")
+});
+
 pub static CACHE_ENTRIES: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "tollgate_cache_entries",

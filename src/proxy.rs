@@ -434,7 +434,7 @@ impl Gateway {
 
     /// On a cached route: the entry to answer with now, if any. Sets up `ctx.cache` for the
     /// trip upstream otherwise (the key, and an old entry for stale-if-error).
-    fn cache_lookup(
+    async fn cache_lookup(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
@@ -457,7 +457,13 @@ impl Gateway {
             let host = route::normalize_host(request_host(req));
             let consumer = ctx.identity.as_ref().and_then(|i| i.consumer.as_deref());
             state.key = cache::key(&route.name, &host, req, policy, consumer);
-            state.status = match self.cache.lookup_l1(&state.key, breaker::now_ms()) {
+            let mut found = self.cache.lookup_l1(&state.key, breaker::now_ms());
+            if matches!(found, cache::Lookup::Miss) && snapshot.cache.redis {
+                if let Some(e) = cache::lookup_l2(&self.cache, &snapshot, &state.key).await {
+                    found = cache::classify(e, breaker::now_ms());
+                }
+            }
+            state.status = match found {
                 cache::Lookup::Fresh(e) => {
                     serve = Some(e);
                     cache::Status::Hit
@@ -921,7 +927,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let mut verdict = self.admit(session, ctx).await;
         if verdict.is_ok() {
-            if let Some((entry, status)) = self.cache_lookup(session, ctx) {
+            if let Some((entry, status)) = self.cache_lookup(session, ctx).await {
                 self.serve_cached(session, ctx, &entry, status).await?;
                 return Ok(true);
             }
@@ -1170,7 +1176,7 @@ impl ProxyHttp for Gateway {
             if c.capture.is_some() {
                 let route = ctx.route.map_or("", |i| &ctx.snapshot.routes[i].name);
                 if let Some(entry) = c.feed(route, body.as_ref(), end_of_stream) {
-                    cache::store_l2(&ctx.snapshot, &c.key, &entry);
+                    cache::store_l2(&ctx.snapshot, self.cache.epoch(), &c.key, &entry);
                     self.cache.insert(c.key.clone(), entry);
                 }
             }

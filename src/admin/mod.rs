@@ -338,9 +338,19 @@ impl ServeHttp for Admin {
             "/admin/stats" => json_response(200, stats::stats(&self.control)),
             "/admin/dashboard" => dashboard::response(),
             "/admin/cache" if method == Method::DELETE => {
-                let purged = self.control.cache.purge();
-                log::info!("cache purged by the admin API ({purged} entries)");
-                json_response(200, json!({ "purged": purged }))
+                let (purged, cluster) = crate::control::purge_cache(&self.control).await;
+                log::info!("cache purged by the admin API ({purged} entries here)");
+                match cluster {
+                    Some(false) => error(
+                        503,
+                        "redis_unavailable",
+                        "this node's cache was purged; the shared (Redis) cache could not be",
+                    ),
+                    _ => json_response(
+                        200,
+                        json!({ "purged": purged, "cluster": cluster.is_some() }),
+                    ),
+                }
             }
             "/admin/cache" => {
                 let snap = self.control.current.load();

@@ -498,3 +498,73 @@ async fn the_admin_api_reports_and_purges_the_cache() {
     assert_eq!(origin.full(), 4);
     assert_eq!(gw.metric("tollgate_cache_entries").await, Some(1.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_second_level_is_shared_by_nodes_and_purged_everywhere() {
+    let origin = Origin::start().await;
+    let mut redis = RedisServer::start().await;
+    let body = format!(
+        "redis: {{ url: \"{}\", timeout: 100ms }}\ncache: {{ redis: true }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\n{}",
+        redis.url(),
+        config(&origin, "{ ttl: 60s }", "")
+    );
+    let a = Gateway::start(&body).await;
+    let b = Gateway::start(&body).await;
+    let client = http();
+    assert_eq!(get_c(&client, &a, "/c/shared").await.cache, "MISS");
+    // Stored in Redis in the background; the other node then answers from it.
+    let on_b = eventually(
+        Duration::from_secs(5),
+        "node b to find the entry",
+        || async {
+            let r = get_c(&client, &b, "/c/shared").await;
+            (r.cache == "HIT").then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(on_b.body, "/c/shared v1", "the body node a stored");
+    assert_eq!(origin.full(), 1);
+    let l2_hits = b.metric("tollgate_cache_redis_total{result=\"hit\"}").await;
+    assert_eq!(l2_hits, Some(1.0));
+
+    // A purge on b empties a's in-process cache too (a follows the epoch within a second).
+    let r = client
+        .delete(b.admin("/admin/cache"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["cluster"], true);
+    eventually(
+        Duration::from_secs(5),
+        "node a to drop its entry",
+        || async { (a.metric("tollgate_cache_entries").await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    assert_eq!(get_c(&client, &a, "/c/shared").await.cache, "MISS");
+    assert_eq!(origin.full(), 2);
+
+    // Redis gone: in-process hits go on, misses go upstream, nothing fails.
+    redis.stop();
+    let hit = get_c(&client, &a, "/c/shared").await;
+    assert_eq!((hit.status, hit.cache.as_str()), (200, "HIT"));
+    let started = Instant::now();
+    let miss = get_c(&client, &a, "/c/other").await;
+    assert_eq!((miss.status, miss.cache.as_str()), (200, "MISS"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a dead Redis costs at most its timeout ({:?})",
+        started.elapsed()
+    );
+    let r = client
+        .delete(a.admin("/admin/cache"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 503, "the cluster-wide purge could not happen");
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "redis_unavailable");
+}
