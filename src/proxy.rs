@@ -368,7 +368,7 @@ impl Gateway {
         }
         if route.limit.enabled {
             let req = session.req_header();
-            let store = snapshot.shared.as_ref().map(|s| &*s.store);
+            let store = snapshot.shared.as_ref().map(|s| &s.store);
             let client_ip = session
                 .client_addr()
                 .and_then(|a| a.as_inet())

@@ -552,6 +552,13 @@ pub struct RateLimitSection {
     /// Nodes to assume sharing the limits until the heartbeat has counted them.
     #[serde(default = "one")]
     pub assume_nodes: i64,
+    /// Exact mode: most requests of one caller decided by one script call (1 = a call each).
+    #[serde(default = "default_exact_batch")]
+    pub exact_batch: i64,
+}
+
+fn default_exact_batch() -> i64 {
+    64
 }
 
 impl Default for RateLimitSection {
@@ -561,6 +568,7 @@ impl Default for RateLimitSection {
             sync_interval: default_sync(),
             on_failure: OnFailureSection::default(),
             assume_nodes: 1,
+            exact_batch: default_exact_batch(),
         }
     }
 }

@@ -597,6 +597,7 @@ fn compile_limits(c: &mut Check, file: &FileConfig) -> limit::Settings {
             schema::OnFailureSection::Deny => limit::OnFailure::Deny,
         },
         assume_nodes: c.range("rate_limit.assume_nodes".into(), r.assume_nodes, 1, 1000),
+        exact_batch: c.range("rate_limit.exact_batch".into(), r.exact_batch, 1, 1024),
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Settings {
     pub sync_interval: Duration,
     pub on_failure: OnFailure,
     pub assume_nodes: usize,
+    /// Exact mode: most requests of one caller per script call.
+    pub exact_batch: usize,
 }
 
 /// What the limit is keyed by.
@@ -98,6 +100,7 @@ pub struct Limiter {
     pub local: local::LocalLimiter,
     pub batched: shared::Batched,
     pub nodes: shared::Nodes,
+    pub coalescer: Arc<shared::Coalescer>,
     fallback: AtomicBool,
 }
 
@@ -107,6 +110,7 @@ impl Default for Limiter {
             local: local::LocalLimiter::default(),
             batched: shared::Batched::default(),
             nodes: shared::Nodes::new(1),
+            coalescer: Arc::default(),
             fallback: AtomicBool::new(false),
         }
     }
@@ -197,7 +201,7 @@ impl Limiter {
     pub async fn check(
         &self,
         settings: &Settings,
-        store: Option<&Store>,
+        store: Option<&Arc<Store>>,
         route: &RoutePolicy,
         route_name: &str,
         tier_names: &[Arc<str>],
@@ -249,7 +253,11 @@ impl Limiter {
                     None
                 }
             }
-            (_, Some(store)) => shared::exact(store, redis_key(), algo).await.ok(),
+            (_, Some(store)) => self
+                .coalescer
+                .decide(store, redis_key(), algo, settings.exact_batch)
+                .await
+                .ok(),
         };
         let (decision, used) = match decision {
             Some(d) => {

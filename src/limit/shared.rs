@@ -5,16 +5,19 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use redis::Script;
+use tokio::sync::oneshot;
 
 use super::algo::{self, Decision, Window};
 use crate::store::{Store, StoreError};
 
-/// Sliding window counter, same steps as `algo::sliding_window`, on Redis time.
-/// KEYS[1] hash {w, c, p}; ARGV: limit, window_ms. Returns {allowed, curr, prev, elapsed_ms}.
+/// Sliding window counter, same steps as `algo::sliding_window`, on Redis time, for `n`
+/// requests of one caller in arrival order (see `Coalescer`): the first `k` that fit are
+/// admitted, the rest refused (refusals consume nothing).
+/// KEYS[1] hash {w, c, p}; ARGV: limit, window_ms, n. Returns {k, curr, prev, elapsed_ms}.
 static SLIDING: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -22,6 +25,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local idx = math.floor(now / window)
 local h = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
 local w = tonumber(h[1]) or idx
@@ -32,23 +36,23 @@ if w ~= idx then
   c = 0
 end
 local elapsed = now - idx * window
-local est = math.floor(p * 1000 * (window - elapsed) / window) + c * 1000
-local allowed = 0
-if est + 1000 <= limit * 1000 then
+local weighted = math.floor(p * 1000 * (window - elapsed) / window)
+local k = 0
+while k < n and weighted + (c + 1) * 1000 <= limit * 1000 do
   c = c + 1
-  allowed = 1
+  k = k + 1
 end
-if allowed == 1 or w ~= idx then
+if k > 0 or w ~= idx then
   redis.call('HSET', KEYS[1], 'w', idx, 'c', c, 'p', p)
   redis.call('PEXPIRE', KEYS[1], window * 2)
 end
-return {allowed, c, p, elapsed}
+return {k, c, p, elapsed}
 "#,
     )
 });
 
-/// GCRA, same steps as `algo::gcra`. KEYS[1] = TAT (ms); ARGV: interval_ms, tolerance_ms.
-/// Returns {allowed, tat_after, now}.
+/// GCRA, same steps as `algo::gcra`, for `n` requests of one caller in arrival order.
+/// KEYS[1] = TAT (ms); ARGV: interval_ms, tolerance_ms, n. Returns {k, tat_after, now}.
 static GCRA: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -56,44 +60,56 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local new_tat = tat + interval
-if new_tat - tolerance > now then
-  return {0, tat, now}
+local k = 0
+while k < n and tat + interval - tolerance <= now do
+  tat = tat + interval
+  k = k + 1
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now + 1)
-return {1, new_tat, now}
+if k > 0 then
+  redis.call('SET', KEYS[1], tat, 'PX', tat - now + 1)
+end
+return {k, tat, now}
 "#,
     )
 });
 
-/// One exact decision in Redis.
-pub async fn exact(store: &Store, key: String, algo: algo::Algo) -> Result<Decision, StoreError> {
+/// `n` exact decisions for one caller in one atomic script run, in arrival order.
+pub async fn exact(
+    store: &Store,
+    key: &str,
+    algo: algo::Algo,
+    n: usize,
+) -> Result<Vec<Decision>, StoreError> {
+    let n64 = n as u64;
     match algo {
         algo::Algo::SlidingWindow { limit, window_ms } => {
-            let (allowed, curr, prev, elapsed): (u64, u64, u64, u64) = store
+            let (k, curr, prev, elapsed): (u64, u64, u64, u64) = store
                 .call("ratelimit", |mut c| async move {
                     SLIDING
                         .key(key)
                         .arg(limit)
                         .arg(window_ms)
+                        .arg(n64)
                         .invoke_async(&mut c)
                         .await
                 })
                 .await?;
-            let w = Window {
-                index: 0,
-                curr,
-                prev,
-            };
-            Ok(algo::describe_window(
-                &w,
-                elapsed.min(window_ms - 1),
-                limit,
-                window_ms,
-                allowed == 1,
-            ))
+            let elapsed = elapsed.min(window_ms - 1);
+            Ok((0..n64)
+                .map(|i| {
+                    let allowed = i < k;
+                    let w = Window {
+                        index: 0,
+                        // The counter as this request left it.
+                        curr: if allowed { curr - (k - 1 - i) } else { curr },
+                        prev,
+                    };
+                    algo::describe_window(&w, elapsed, limit, window_ms, allowed)
+                })
+                .collect())
         }
         algo::Algo::Gcra {
             limit,
@@ -102,34 +118,177 @@ pub async fn exact(store: &Store, key: String, algo: algo::Algo) -> Result<Decis
         } => {
             let interval = (window_ms / limit.max(1)).max(1);
             let tolerance = interval * burst.max(1);
-            let (allowed, tat, now): (u64, u64, u64) = store
+            let (k, tat, now): (u64, u64, u64) = store
                 .call("ratelimit", |mut c| async move {
                     GCRA.key(key)
                         .arg(interval)
                         .arg(tolerance)
+                        .arg(n64)
                         .invoke_async(&mut c)
                         .await
                 })
                 .await?;
-            Ok(if allowed == 1 {
-                Decision {
-                    allowed: true,
-                    remaining: (now + tolerance).saturating_sub(tat) / interval,
-                    reset_ms: tat.saturating_sub(now),
-                    retry_after_ms: 0,
-                }
-            } else {
-                Decision {
-                    allowed: false,
-                    remaining: 0,
-                    reset_ms: tat.saturating_sub(now),
-                    retry_after_ms: (tat + interval)
-                        .saturating_sub(tolerance)
-                        .saturating_sub(now)
-                        .max(1),
-                }
-            })
+            Ok((0..n64)
+                .map(|i| {
+                    if i < k {
+                        let tat = tat - (k - 1 - i) * interval;
+                        Decision {
+                            allowed: true,
+                            remaining: (now + tolerance).saturating_sub(tat) / interval,
+                            reset_ms: tat.saturating_sub(now),
+                            retry_after_ms: 0,
+                        }
+                    } else {
+                        Decision {
+                            allowed: false,
+                            remaining: 0,
+                            reset_ms: tat.saturating_sub(now),
+                            retry_after_ms: (tat + interval)
+                                .saturating_sub(tolerance)
+                                .saturating_sub(now)
+                                .max(1),
+                        }
+                    }
+                })
+                .collect())
         }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Decision, StoreError>>;
+
+/// Requests for one caller waiting for the call in flight to end.
+struct Slot {
+    algo: algo::Algo,
+    waiting: Vec<Reply>,
+}
+
+/// Exact mode without one round trip per request: while a caller's script call is in flight,
+/// that caller's next requests queue; when it returns, ONE call decides all of them (atomically,
+/// in arrival order, never past the limit). An idle caller's request goes out at once, so
+/// nothing waits for a batch to fill. Keys are never mixed in one call (Redis Cluster slots).
+#[derive(Default)]
+pub struct Coalescer {
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+/// The request whose call is in flight; when it ends (or is dropped: the client left), whoever
+/// queued behind it is decided by a task.
+struct Lead<'a> {
+    coalescer: &'a Arc<Coalescer>,
+    store: &'a Arc<Store>,
+    key: &'a str,
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        self.coalescer.hand_over(self.store, self.key.to_string());
+    }
+}
+
+impl Coalescer {
+    pub async fn decide(
+        self: &Arc<Self>,
+        store: &Arc<Store>,
+        key: String,
+        algo: algo::Algo,
+        max_batch: usize,
+    ) -> Result<Decision, StoreError> {
+        let one = |v: Vec<Decision>| v.into_iter().next().ok_or(StoreError::Failed);
+        if max_batch <= 1 {
+            return exact(store, &key, algo, 1).await.and_then(one);
+        }
+        enum Role {
+            Lead,
+            Queued(oneshot::Receiver<Result<Decision, StoreError>>),
+            Alone,
+        }
+        let role = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            match slots.get_mut(&key) {
+                None => {
+                    slots.insert(
+                        key.clone(),
+                        Slot {
+                            algo,
+                            waiting: Vec::new(),
+                        },
+                    );
+                    Role::Lead
+                }
+                Some(slot) if slot.algo == algo && slot.waiting.len() < max_batch => {
+                    let (tx, rx) = oneshot::channel();
+                    slot.waiting.push(tx);
+                    Role::Queued(rx)
+                }
+                // A full queue, or a limit changed by a reload: a call of its own.
+                Some(_) => Role::Alone,
+            }
+        };
+        if let Role::Alone = role {
+            return exact(store, &key, algo, 1).await.and_then(one);
+        }
+        if let Role::Queued(rx) = role {
+            // Never longer than one Redis timeout, however long the queue ahead.
+            return match tokio::time::timeout(store.spec.timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(StoreError::Failed),
+                Err(_) => Err(StoreError::Timeout),
+            };
+        }
+        let _lead = Lead {
+            coalescer: self,
+            store,
+            key: &key,
+        };
+        exact(store, &key, algo, 1).await.and_then(one)
+    }
+
+    /// Take what queued for `key`; free the slot if nothing did.
+    fn take(&self, key: &str) -> Option<(algo::Algo, Vec<Reply>)> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.get_mut(key) {
+            Some(slot) if !slot.waiting.is_empty() => {
+                Some((slot.algo, std::mem::take(&mut slot.waiting)))
+            }
+            _ => {
+                slots.remove(key);
+                None
+            }
+        }
+    }
+
+    fn hand_over(self: &Arc<Self>, store: &Arc<Store>, key: String) {
+        let Some(mut batch) = self.take(&key) else {
+            return;
+        };
+        let (me, store) = (self.clone(), store.clone());
+        tokio::spawn(async move {
+            loop {
+                let (algo, replies) = batch;
+                match exact(&store, &key, algo, replies.len()).await {
+                    Ok(decisions) => {
+                        for (tx, d) in replies.into_iter().zip(decisions) {
+                            let _ = tx.send(Ok(d));
+                        }
+                    }
+                    Err(e) => {
+                        for tx in replies {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                }
+                match me.take(&key) {
+                    Some(next) => batch = next,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// Callers with a call in flight (for tests and status).
+    pub fn busy(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 

@@ -470,3 +470,91 @@ async fn reload_changes_limits_without_resetting_counters() {
             .output();
     }
 }
+
+/// Exact mode's coalescing: concurrent requests of one caller share script calls, and a batch
+/// decides exactly what the same requests one call at a time would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_mode_batches_decide_like_single_calls() {
+    use std::sync::Arc;
+    use tollgate::limit::{shared, Algo};
+    use tollgate::store::{Store, StoreSpec};
+
+    let redis = RedisServer::start().await;
+    let store = Arc::new(
+        Store::new(StoreSpec {
+            url: redis.url(),
+            timeout: Duration::from_secs(2),
+            max_pending: 10_000,
+        })
+        .expect("store"),
+    );
+    let evalsha_calls = |store: Arc<Store>| async move {
+        let info: String = store
+            .call("test", |mut c| async move {
+                redis::cmd("INFO")
+                    .arg("commandstats")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .expect("info");
+        info.lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for algo in [
+        Algo::SlidingWindow {
+            limit: 50,
+            window_ms: 600_000,
+        },
+        Algo::Gcra {
+            limit: 10,
+            window_ms: 600_000,
+            burst: 30,
+        },
+    ] {
+        // One at a time: the reference.
+        let mut single = Vec::new();
+        for _ in 0..120 {
+            let d = shared::exact(&store, &format!("tollgate:rl:{{one:{algo:?}}}"), algo, 1)
+                .await
+                .expect("decision");
+            single.push((d[0].allowed, d[0].remaining));
+        }
+        // 120 at once through the coalescer.
+        let coalescer = Arc::new(shared::Coalescer::default());
+        let before = evalsha_calls(store.clone()).await;
+        let tasks: Vec<_> = (0..120)
+            .map(|_| {
+                let (c, s) = (coalescer.clone(), store.clone());
+                tokio::spawn(async move {
+                    c.decide(&s, format!("tollgate:rl:{{many:{algo:?}}}"), algo, 64)
+                        .await
+                        .expect("decision")
+                })
+            })
+            .collect();
+        let mut batched = Vec::new();
+        for t in tasks {
+            let d = t.await.expect("task");
+            batched.push((d.allowed, d.remaining));
+        }
+        let calls = evalsha_calls(store.clone()).await - before;
+        let admitted = |v: &[(bool, u64)]| v.iter().filter(|d| d.0).count();
+        assert_eq!(admitted(&batched), admitted(&single), "{algo:?}");
+        // The same multiset of answers (arrival order differs between tasks).
+        let mut a = batched.clone();
+        let mut b = single.clone();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b, "{algo:?}");
+        assert!(
+            calls < 120,
+            "{calls} script calls for 120 concurrent requests"
+        );
+        assert_eq!(coalescer.busy(), 0, "no caller left marked busy");
+    }
+}
