@@ -96,8 +96,13 @@ pub struct Exporter {
 impl Exporter {
     /// Queue a finished request's span. Never blocks: a full queue drops it (counted).
     pub fn record(&self, finished: Finished) {
-        if self.queue.try_send(finished).is_err() {
-            self.queue_full.inc();
+        match self.queue.try_send(finished) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.queue_full.inc(),
+            // The exporter thread is gone (it could not start its runtime).
+            Err(mpsc::error::TrySendError::Closed(_)) => metrics::OTLP_SPANS_DROPPED
+                .with_label_values(&["export_failed"])
+                .inc(),
         }
     }
 
