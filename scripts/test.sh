@@ -4,9 +4,10 @@
 #   scripts/test.sh
 #
 # Installs what is missing (redis-server, postgresql, cmake) on Debian/Ubuntu, then runs
-# rustfmt, clippy (warnings are errors), `tollgate -t` on every shipped config, and every test
-# of the workspace (unit, property, integration against the real binaries with a private
-# PostgreSQL and redis-server, benches in test mode).
+# rustfmt, clippy (warnings are errors; with and without the `otlp` feature), `tollgate -t` on
+# every shipped config, every test of the workspace (unit, property, integration against the
+# real binaries with a private PostgreSQL and redis-server, benches in test mode), then the
+# tests of the `otlp` feature (OTLP trace export) in a build with it.
 # Set CARGO_TARGET_DIR to a directory outside the clone to reuse builds between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ echo "== rustfmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features otlp -- -D warnings
 echo "== build"
 cargo build --locked --workspace --bins
 echo "== check shipped configs"
@@ -30,6 +32,8 @@ for f in conf/tollgate.yaml conf/examples/*.yaml; do
 done
 echo "== tests"
 cargo test --locked --workspace --all-targets
+echo "== tests with the otlp feature (OTLP trace export)"
+cargo test --locked --features otlp --lib --test gateway -- otlp
 echo "== fuzz (every target ${FUZZ_SECONDS:-5}s; longer by hand: FUZZ_SECONDS=600 scripts/fuzz.sh [target...])"
 FUZZ_TARGET_DIR="$target/fuzz" scripts/fuzz.sh
 echo "== dependency audit (cargo-deny, offline advisory snapshot)"

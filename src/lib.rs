@@ -13,6 +13,8 @@ pub mod identity;
 pub mod limit;
 pub mod metrics;
 pub mod observe;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod proxy;
 pub mod route;
 pub mod shed;

@@ -224,6 +224,25 @@ pub static ACCESS_LOG_DROPPED: LazyLock<prometheus::IntCounter> = LazyLock::new(
     .expect("static metric definition")
 });
 
+#[cfg(feature = "otlp")]
+pub static OTLP_SPANS_EXPORTED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "tollgate_otlp_spans_exported_total",
+        "Spans the OTLP collector accepted"
+    )
+    .expect("static metric definition")
+});
+
+#[cfg(feature = "otlp")]
+pub static OTLP_SPANS_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_otlp_spans_dropped_total",
+        "Spans not exported, by reason (queue_full | export_failed)",
+        &["reason"]
+    )
+    .expect("static metric definition")
+});
+
 /// Per-route metric handles, resolved once per (method, status class) and then reused: a
 /// request pays for an atomic add, not for a label lookup.
 pub struct RouteMetrics {

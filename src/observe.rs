@@ -34,12 +34,15 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
     }
 }
 
-/// A parsed `traceparent`.
+/// A parsed `traceparent`, or this hop's trace context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub flags: u8,
+    /// The caller's span id when this hop continues its trace (`None` when parsed, or when
+    /// the trace starts here).
+    pub parent: Option<[u8; 8]>,
 }
 
 impl TraceParent {
@@ -83,6 +86,7 @@ impl TraceParent {
             trace_id,
             span_id,
             flags: flag[0],
+            parent: None,
         })
     }
 
@@ -95,7 +99,11 @@ impl TraceParent {
             }
         };
         match incoming.and_then(Self::parse) {
-            Some(parent) => Self { span_id, ..parent },
+            Some(caller) => Self {
+                span_id,
+                parent: Some(caller.span_id),
+                ..caller
+            },
             None => Self {
                 trace_id: loop {
                     let t: [u8; 16] = rand::random();
@@ -105,6 +113,7 @@ impl TraceParent {
                 },
                 span_id,
                 flags: 1,
+                parent: None,
             },
         }
     }
@@ -293,6 +302,7 @@ mod tests {
         let next = TraceParent::next(Some(tp));
         assert_eq!(next.trace_id, parsed.trace_id);
         assert_ne!(next.span_id, parsed.span_id);
+        assert_eq!(next.parent, Some(parsed.span_id));
         assert!(next
             .header()
             .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
@@ -311,6 +321,7 @@ mod tests {
             );
         }
         let fresh = TraceParent::next(None);
+        assert_eq!(fresh.parent, None);
         assert_eq!(fresh.header().len(), 55);
         assert_eq!(
             fresh.header_value().to_str().expect("ascii"),

@@ -9,7 +9,7 @@
 //! upstream_request_filter  path rewrite, hop-by-hop removal, X-Forwarded-*
 //! response_filter       hop-by-hop removal on the way back
 //! fail_to_proxy         the ONE place an error becomes a status and a JSON body
-//! logging               metrics
+//! logging               metrics, the OTLP span (feature `otlp`), the access log
 //! ```
 //!
 //! Why the route is matched in `early_request_filter` and not `request_filter`: pingora's
@@ -44,6 +44,9 @@ use crate::observe;
 use crate::route;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::upstream::{HashKey, NoBackend};
+
+#[cfg(feature = "otlp")]
+mod span;
 
 /// Most tries a request can make (`retries.attempts` is validated to this bound).
 const MAX_ATTEMPTS: usize = 10;
@@ -544,6 +547,8 @@ impl Gateway {
             ctx.trace = Some(observe::TraceParent::next(
                 req.headers.get(H_TRACEPARENT).map(|v| v.as_bytes()),
             ));
+            #[cfg(feature = "otlp")]
+            span::sample(ctx);
         }
         let host = route::normalize_host(request_host(req));
         ctx.route = ctx
@@ -832,6 +837,10 @@ impl Gateway {
         let rm = ctx.route.unwrap_or(snapshot.routes.len());
         if let Some(m) = snapshot.route_metrics.get(rm) {
             m.observe(mi, status, total.as_secs_f64(), upstream);
+        }
+        #[cfg(feature = "otlp")]
+        if let Some(exporter) = &snapshot.otlp {
+            span::finish(exporter, session, ctx, status);
         }
         if snapshot.server.access_log == observe::LogTarget::Off {
             return;

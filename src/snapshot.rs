@@ -45,6 +45,9 @@ pub struct Snapshot {
     pub global_shed: Option<Arc<Shedder>>,
     /// Per route (same order as `routes`), then one for requests no route matched.
     pub route_metrics: Vec<crate::metrics::RouteMetrics>,
+    /// The span exporter for `server.otlp` (shared by snapshots while the block is unchanged).
+    #[cfg(feature = "otlp")]
+    pub otlp: Option<Arc<crate::otlp::Exporter>>,
 }
 
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
@@ -82,6 +85,10 @@ impl Snapshot {
             book.shedder_for("gateway", spec)
         });
         book.retain_shedders(&used);
+        #[cfg(feature = "otlp")]
+        {
+            snapshot.otlp = crate::otlp::exporter_for(snapshot.server.otlp.as_ref());
+        }
         snapshot
     }
 
@@ -133,6 +140,8 @@ impl Snapshot {
             route_shed: Vec::new(),
             global_shed: None,
             route_metrics,
+            #[cfg(feature = "otlp")]
+            otlp: None,
         }
     }
 

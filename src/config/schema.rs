@@ -95,6 +95,33 @@ pub struct ServerSection {
     /// JSON access log: `stdout` (default), `off`, or a file path.
     #[serde(default = "default_access_log")]
     pub access_log: String,
+    /// OTLP trace export; only a binary built with `--features otlp` accepts it.
+    #[serde(default)]
+    pub otlp: Option<OtlpSection>,
+}
+
+/// One span per request, sent to an OpenTelemetry collector over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpSection {
+    /// The collector's traces URL, e.g. `http://127.0.0.1:4318/v1/traces` (plain HTTP).
+    pub endpoint: String,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share (0.0-1.0) of the traces started here that are sampled; a continued trace keeps
+    /// the caller's sampled flag.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// One export, its retries included, gives up after this (its spans are dropped).
+    #[serde(default = "default_otlp_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Extra HTTP headers on every export (e.g. a collector's API key).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Spans waiting for export; when full, new spans are dropped (and counted).
+    #[serde(default = "default_otlp_queue")]
+    pub queue_size: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -775,6 +802,22 @@ pub enum UnderscoreHeaders {
 fn default_max_headers() -> i64 {
     100
 }
+fn default_service_name() -> String {
+    "tollgate".into()
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+
+fn default_otlp_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_otlp_queue() -> i64 {
+    4096
+}
+
 fn default_access_log() -> String {
     "stdout".into()
 }

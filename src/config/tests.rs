@@ -66,6 +66,68 @@ fn errors_stay_on_one_line_when_a_key_holds_a_line_break() {
     assert!(!errs[0].to_string().contains('\n'), "{}", errs[0]);
 }
 
+/// `GOOD` with a `server.otlp` block made of `lines` (4-space indented).
+fn with_otlp(lines: &str) -> String {
+    GOOD.replace(
+        "upstreams:",
+        &format!("  otlp:\n    endpoint: \"http://127.0.0.1:4318/v1/traces\"\n{lines}upstreams:"),
+    )
+}
+
+#[cfg(not(feature = "otlp"))]
+#[test]
+fn otlp_is_refused_at_its_position_without_the_feature() {
+    let errs = load_str(Path::new("t.yaml"), &with_otlp("")).expect_err("no feature");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(
+        errs[0].to_string(),
+        "t.yaml:3:3: server.otlp: built without the `otlp` feature; rebuild with --features otlp"
+    );
+}
+
+#[cfg(feature = "otlp")]
+#[test]
+fn otlp_defaults_and_every_error_located() {
+    let c = load_str(Path::new("t.yaml"), &with_otlp("")).expect("valid");
+    let o = c.server.otlp.expect("otlp");
+    assert_eq!(o.service_name, "tollgate");
+    assert_eq!(o.sample_below, crate::otlp::OtlpSpec::threshold(1.0));
+    assert_eq!(o.timeout, std::time::Duration::from_secs(10));
+    assert_eq!(o.queue_size, 4096);
+
+    let text = with_otlp(
+        "    sample_ratio: 1.5\n    timeout: 0s\n    service_name: \"\"\n    headers: { \"bad name\": x }\n    queue_size: 0\n",
+    )
+    .replace("listen:", "trace_context: false\n  listen:");
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("invalid");
+    let got: Vec<_> = errs
+        .iter()
+        .map(|e| (e.field.as_str(), e.line, e.column))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("server.otlp", 4, 3),
+            ("server.otlp.sample_ratio", 6, 5),
+            ("server.otlp.timeout", 7, 5),
+            ("server.otlp.service_name", 8, 5),
+            ("server.otlp.headers.bad name", 9, 16),
+            ("server.otlp.queue_size", 10, 5),
+        ],
+        "{errs:?}"
+    );
+    for (endpoint, why) in [
+        ("https://collector:4318/v1/traces", "https is not supported"),
+        ("127.0.0.1:4318", "expected an http:// URL"),
+    ] {
+        let text = with_otlp("").replace("http://127.0.0.1:4318/v1/traces", endpoint);
+        let errs = load_str(Path::new("t.yaml"), &text).expect_err("bad endpoint");
+        assert_eq!(errs[0].field, "server.otlp.endpoint");
+        assert_eq!((errs[0].line, errs[0].column), (4, 5));
+        assert!(errs[0].message.contains(why), "{}", errs[0]);
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 

@@ -70,6 +70,9 @@ pub struct ServerSettings {
     /// Longest single header field, `name: value` without the line end.
     pub max_header_line_bytes: usize,
     pub underscore_headers: schema::UnderscoreHeaders,
+    /// OTLP trace export (`server.otlp`); `None` = off.
+    #[cfg(feature = "otlp")]
+    pub otlp: Option<crate::otlp::OtlpSpec>,
 }
 
 struct Check {
@@ -242,7 +245,14 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         }
     }
     c.positive("server.keepalive_timeout".into(), s.keepalive_timeout);
+    #[cfg_attr(not(feature = "otlp"), allow(unused_variables))]
+    let otlp = s
+        .otlp
+        .as_ref()
+        .and_then(|o| compile_otlp(c, o, s.trace_context));
     ServerSettings {
+        #[cfg(feature = "otlp")]
+        otlp,
         listen,
         admin_listen,
         threads,
@@ -305,6 +315,74 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
             }
         },
     }
+}
+
+/// `server.otlp`: refused, at its position, by a binary built without the feature.
+#[cfg(not(feature = "otlp"))]
+fn compile_otlp(c: &mut Check, _o: &schema::OtlpSection, _trace_context: bool) -> Option<()> {
+    c.err(
+        "server.otlp",
+        "built without the `otlp` feature; rebuild with --features otlp",
+    );
+    None
+}
+
+/// `server.otlp`: a plain-HTTP collector URL, a ratio, a positive timeout, valid headers.
+#[cfg(feature = "otlp")]
+fn compile_otlp(
+    c: &mut Check,
+    o: &schema::OtlpSection,
+    trace_context: bool,
+) -> Option<crate::otlp::OtlpSpec> {
+    let before = c.problems.len();
+    if !trace_context {
+        c.err(
+            "server.otlp",
+            "needs server.trace_context: true (the span's id is the parent id sent upstream)",
+        );
+    }
+    match o.endpoint.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some_and(|h| !h.is_empty()) => {}
+        Ok(uri) if uri.scheme_str() == Some("https") => c.err(
+            "server.otlp.endpoint",
+            "https is not supported (the exporter is built without TLS): use http:// to a local collector",
+        ),
+        _ => c.err(
+            "server.otlp.endpoint",
+            format!("expected an http:// URL such as http://127.0.0.1:4318/v1/traces, got {:?}", o.endpoint),
+        ),
+    }
+    if o.service_name.trim().is_empty() {
+        c.err("server.otlp.service_name", "must not be empty");
+    }
+    if !(0.0..=1.0).contains(&o.sample_ratio) {
+        c.err(
+            "server.otlp.sample_ratio",
+            format!("must be between 0.0 and 1.0, got {}", o.sample_ratio),
+        );
+    }
+    c.positive("server.otlp.timeout".into(), o.timeout);
+    for (name, value) in &o.headers {
+        let field = format!("server.otlp.headers.{name}");
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            c.err(field, format!("invalid header name {name:?}"));
+        } else if HeaderValue::from_str(value).is_err() {
+            c.err(field, "invalid header value (visible ASCII only)");
+        }
+    }
+    let queue_size = c.range("server.otlp.queue_size".into(), o.queue_size, 1, 1_000_000);
+    (c.problems.len() == before).then(|| crate::otlp::OtlpSpec {
+        endpoint: o.endpoint.clone(),
+        service_name: o.service_name.clone(),
+        sample_below: crate::otlp::OtlpSpec::threshold(o.sample_ratio),
+        timeout: o.timeout,
+        headers: o
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        queue_size,
+    })
 }
 
 fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> UpstreamSpec {

@@ -14,6 +14,7 @@ mod lifecycle;
 mod malformed;
 mod mutation;
 mod observe;
+mod otlp;
 mod ratelimit;
 mod reload;
 mod resilience;
