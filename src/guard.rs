@@ -49,41 +49,73 @@ impl HeadScanner {
     /// returns how many of `bytes` belong to the head (the rest is body or the next request)
     /// and the scanner must not be fed again; otherwise `None`.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
-        for (i, &b) in bytes.iter().enumerate() {
-            if self.cr && b != b'\n' {
-                self.bad = true; // bare CR
-            }
-            match b {
-                b'\r' => {
-                    self.cr = true;
-                    continue;
-                }
-                b'\n' => {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.line > 0 {
+                // Inside header lines only CR, LF and NUL matter: jump to the next of them
+                // (memchr: the whole section costs a few instructions per 16 bytes).
+                let rest = &bytes[i..];
+                let skip = memchr::memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len());
+                if skip > 0 {
+                    if self.cr {
+                        self.bad = true; // bare CR
+                    }
+                    if self.len == 0 && self.line > 1 && matches!(rest[0], b' ' | b'\t') {
+                        self.bad = true; // obs-fold
+                    }
                     self.cr = false;
-                    if self.len == 0 && self.line > 0 {
-                        // The blank line: anything after it is body (or a pipelined request
-                        // pingora already holds in its buffer).
-                        return Some(i + 1);
+                    self.len = self
+                        .len
+                        .saturating_add(u32::try_from(skip).unwrap_or(u32::MAX));
+                    i += skip;
+                    if i == bytes.len() {
+                        break;
                     }
-                    if self.line == 0 && self.spaces != 2 {
-                        self.bad = true; // the request line is exactly METHOD SP target SP version
-                    }
-                    if self.len > 0 || self.line == 0 {
-                        self.line = self.line.saturating_add(1);
-                    }
-                    self.len = 0;
-                    continue;
                 }
-                0 => self.bad = true,
-                b' ' | b'\t' if self.len == 0 && self.line > 1 => self.bad = true, // obs-fold
-                b' ' if self.line == 0 => self.spaces = self.spaces.saturating_add(1),
-                _ if self.line == 0 && (b < 0x20 || b == 0x7f) => self.bad = true,
-                _ => {}
             }
-            self.cr = false;
-            self.len = self.len.saturating_add(1);
+            if self.byte(bytes[i]) {
+                return Some(i + 1);
+            }
+            i += 1;
         }
         None
+    }
+
+    /// One byte of the head; true at the blank line that ends it.
+    fn byte(&mut self, b: u8) -> bool {
+        if self.cr && b != b'\n' {
+            self.bad = true; // bare CR
+        }
+        match b {
+            b'\r' => {
+                self.cr = true;
+                return false;
+            }
+            b'\n' => {
+                self.cr = false;
+                if self.len == 0 && self.line > 0 {
+                    // The blank line: anything after it is body (or a pipelined request
+                    // pingora already holds in its buffer).
+                    return true;
+                }
+                if self.line == 0 && self.spaces != 2 {
+                    self.bad = true; // the request line is exactly METHOD SP target SP version
+                }
+                if self.len > 0 || self.line == 0 {
+                    self.line = self.line.saturating_add(1);
+                }
+                self.len = 0;
+                return false;
+            }
+            0 => self.bad = true,
+            b' ' | b'\t' if self.len == 0 && self.line > 1 => self.bad = true, // obs-fold
+            b' ' if self.line == 0 => self.spaces = self.spaces.saturating_add(1),
+            _ if self.line == 0 && (b < 0x20 || b == 0x7f) => self.bad = true,
+            _ => {}
+        }
+        self.cr = false;
+        self.len = self.len.saturating_add(1);
+        false
     }
 
     /// The head broke the syntax rules (so far).
@@ -375,6 +407,54 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The scanner one byte at a time (the definition the fast path must agree with).
+    fn bytewise(bytes: &[u8]) -> (Option<usize>, bool) {
+        let mut s = HeadScanner::default();
+        for (i, &b) in bytes.iter().enumerate() {
+            if s.byte(b) {
+                return (Some(i + 1), s.bad);
+            }
+        }
+        (None, s.bad)
+    }
+
+    /// The scanner fed in chunks, as reads deliver them.
+    fn chunked(bytes: &[u8], cuts: &[usize]) -> (Option<usize>, bool) {
+        let mut s = HeadScanner::default();
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.push(bytes.len());
+        cuts.sort_unstable();
+        for cut in cuts {
+            if cut <= at {
+                continue;
+            }
+            if let Some(n) = s.feed(&bytes[at..cut]) {
+                return (Some(at + n), s.bad);
+            }
+            at = cut;
+        }
+        (None, s.bad)
+    }
+
+    proptest! {
+        #[test]
+        fn the_fast_scan_agrees_with_the_bytewise_one(
+            parts in proptest::collection::vec(
+                prop::sample::select(vec![
+                    &b"GET / HTTP/1.1"[..], b"\r\n", b"\n", b"\r", b"Host: a", b" ", b"\t",
+                    b"\0", b"X-A: b", b"\x7f", b"\x01", b":", b"abc",
+                ]),
+                0..24,
+            ),
+            cuts in proptest::collection::vec(0usize..512, 0..6),
+        ) {
+            let bytes: Vec<u8> = parts.concat();
+            prop_assert_eq!(chunked(&bytes, &cuts), bytewise(&bytes));
+        }
+    }
 
     #[tokio::test]
     async fn header_end_detection_across_reads() {
