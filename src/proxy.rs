@@ -135,24 +135,44 @@ fn strip_hop_by_hop(headers: &http::HeaderMap, mut remove: impl FnMut(&str), kee
 }
 
 pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool) {
-    // Most responses carry none of them: look before touching the maps.
-    if !HOP_BY_HOP.iter().any(|h| resp.headers.contains_key(h))
-        && !resp.headers.contains_key(header::SERVER)
-    {
-        return;
+    // One look at the (few) response headers decides what needs removing: most responses
+    // carry only `Connection` and `Server` of these.
+    let (mut server, mut connection, mut other) = (false, false, false);
+    for name in resp.headers.keys() {
+        if *name == header::SERVER {
+            server = true;
+        } else if *name == header::CONNECTION {
+            connection = true;
+        } else if HOP_BY_HOP[1..].contains(name) {
+            other = true;
+        }
     }
     // The upstream's software never reaches the client.
-    resp.remove_header(&header::SERVER);
-    let mut named = Vec::new();
-    strip_hop_by_hop(&resp.headers, |n| named.push(n.to_string()), upgraded);
-    for n in named {
-        resp.remove_header(n.as_str());
+    if server {
+        resp.remove_header(&header::SERVER);
     }
-    for h in &HOP_BY_HOP {
-        if upgraded && *h == header::CONNECTION {
-            continue;
+    if connection {
+        // Fields the upstream named in `Connection` are hop-by-hop too. `Connection` itself is
+        // pingora's: rewritten on HTTP/1.1 (keep-alive or close; kept on a 101) and dropped on
+        // HTTP/2, so it is left for pingora to set.
+        let mut named = Vec::new();
+        strip_hop_by_hop(
+            &resp.headers,
+            |n| {
+                if !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close") {
+                    named.push(n.to_string());
+                }
+            },
+            upgraded,
+        );
+        for n in named {
+            resp.remove_header(n.as_str());
         }
-        resp.remove_header(h);
+    }
+    if other {
+        for h in &HOP_BY_HOP[1..] {
+            resp.remove_header(h);
+        }
     }
 }
 
@@ -207,11 +227,43 @@ fn valid_host(req: &RequestHeader) -> bool {
     if hosts.next().is_some() {
         return false;
     }
-    let h = host.as_bytes();
-    !h.is_empty()
-        && h.iter()
-            .all(|&b| b.is_ascii_graphic() && b != b'@' && b != b',' && b != b'/')
-        && http::uri::Authority::try_from(h).is_ok()
+    valid_authority(host.as_bytes())
+}
+
+/// `host[:port]` as RFC 3986 writes it, without userinfo: an IP literal in brackets, or a
+/// reg-name / IPv4 address of unreserved, sub-delims and `%`; a port of digits. Checked in
+/// place (no allocation: this runs on every request).
+fn valid_authority(h: &[u8]) -> bool {
+    let (host, port) = if h.first() == Some(&b'[') {
+        let Some(close) = h.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inside = &h[1..close];
+        if inside.is_empty()
+            || !inside
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        (&h[..=close], &h[close + 1..])
+    } else {
+        match h.iter().rposition(|&b| b == b':') {
+            Some(i) => (&h[..i], &h[i..]),
+            None => (h, &h[h.len()..]),
+        }
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    let host_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && host
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+;=%".contains(&b)));
+    port_ok && host_ok
 }
 
 /// Transfer-Encoding, when present, is exactly one `chunked`. pingora frames the body by the last
@@ -312,7 +364,7 @@ impl Gateway {
     ) -> std::result::Result<(), GatewayError> {
         let snapshot = ctx.snapshot.clone();
         if let Some(shed) = &snapshot.global_shed {
-            match shed.admit().await {
+            match Box::pin(shed.admit()).await {
                 Some(permit) => ctx.permits.0 = Some(permit),
                 None => {
                     metrics::SHED.with_label_values(&["gateway"]).inc();
@@ -351,13 +403,14 @@ impl Gateway {
         if route.auth.mode != identity::Mode::None || !route.auth.roles.is_empty() {
             let req = session.req_header();
             let issued = snapshot.shared.as_ref().map(|s| &*s.issued);
-            match identity::authenticate(
+            // Boxed: the request future stays small for routes that never authenticate.
+            match Box::pin(identity::authenticate(
                 &snapshot.identity,
                 issued,
                 &route.auth,
                 &req.headers,
                 req.uri.query(),
-            )
+            ))
             .await
             {
                 Ok(id) => ctx.identity = Some(id),
@@ -376,19 +429,18 @@ impl Gateway {
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip());
-            ctx.limit = self
-                .limiter
-                .check(
-                    &snapshot.limits,
-                    store,
-                    &route.limit,
-                    &route.name,
-                    &snapshot.identity.tiers,
-                    ctx.identity.as_ref(),
-                    client_ip,
-                    &req.headers,
-                )
-                .await;
+            // Boxed: the request future stays small for routes without a limit.
+            ctx.limit = Box::pin(self.limiter.check(
+                &snapshot.limits,
+                store,
+                &route.limit,
+                &route.name,
+                &snapshot.identity.tiers,
+                ctx.identity.as_ref(),
+                client_ip,
+                &req.headers,
+            ))
+            .await;
             match ctx.limit {
                 limit::Outcome::Decided { decision, .. } if !decision.allowed => {
                     let secs = limit::ceil_secs(decision.retry_after_ms);
@@ -413,7 +465,7 @@ impl Gateway {
         }
         // Shedding comes after authentication and rate limiting: refused callers hold no slot.
         if let Some(Some(shed)) = ctx.route.map(|i| &snapshot.route_shed[i]) {
-            match shed.admit().await {
+            match Box::pin(shed.admit()).await {
                 Some(permit) => ctx.permits.1 = Some(permit),
                 None => {
                     metrics::SHED.with_label_values(&[&route.name]).inc();
@@ -462,7 +514,9 @@ impl Gateway {
             state.key = cache::key(&route.name, &host, req, policy, consumer);
             let mut found = self.cache.lookup_l1(&state.key, breaker::now_ms());
             if matches!(found, cache::Lookup::Miss) && snapshot.cache.redis {
-                if let Some(e) = cache::lookup_l2(&self.cache, &snapshot, &state.key).await {
+                if let Some(e) =
+                    Box::pin(cache::lookup_l2(&self.cache, &snapshot, &state.key)).await
+                {
                     found = cache::classify(e, breaker::now_ms());
                 }
             }
@@ -667,7 +721,13 @@ impl Gateway {
 
         // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
         // send origin-form to the (HTTP/1.1) backend.
-        let host = HeaderValue::from_bytes(request_host(upstream_request).as_bytes()).ok();
+        let host = if upstream_request.headers.get(header::HOST).is_none()
+            || snapshot.server.forwarded_headers
+        {
+            HeaderValue::from_bytes(request_host(upstream_request).as_bytes()).ok()
+        } else {
+            None
+        };
         if upstream_request.headers.get(header::HOST).is_none() {
             if let Some(h) = host.clone().filter(|h| !h.is_empty()) {
                 upstream_request.insert_header(header::HOST, h)?;
@@ -937,7 +997,7 @@ impl ProxyHttp for Gateway {
         let mut verdict = self.admit(session, ctx).await;
         if verdict.is_ok() {
             if let Some((entry, status)) = self.cache_lookup(session, ctx).await {
-                self.serve_cached(session, ctx, &entry, status).await?;
+                Box::pin(self.serve_cached(session, ctx, &entry, status)).await?;
                 return Ok(true);
             }
             verdict = Self::available(ctx);
@@ -947,8 +1007,7 @@ impl ProxyHttp for Gateway {
                 metrics::CACHE_REQUESTS
                     .with_label_values(&[cache_route(ctx), "stale_error"])
                     .inc();
-                self.serve_cached(session, ctx, &old, cache::Status::StaleError)
-                    .await?;
+                Box::pin(self.serve_cached(session, ctx, &old, cache::Status::StaleError)).await?;
                 return Ok(true);
             }
         }
@@ -964,7 +1023,16 @@ impl ProxyHttp for Gateway {
                 extra.retain(|(name, _)| *name != "Retry-After");
                 ensure_request_id(session, ctx);
                 extra.push(("X-Request-Id", ctx.request_id.clone()));
-                error::respond_with(session, err, &ctx.request_id, close, &extra).await?;
+                // Boxed, like every rare path here: the future of the common path stays small
+                // (pingora boxes it for every request).
+                Box::pin(error::respond_with(
+                    session,
+                    err,
+                    &ctx.request_id,
+                    close,
+                    &extra,
+                ))
+                .await?;
                 Ok(true)
             }
         }
@@ -1044,7 +1112,7 @@ impl ProxyHttp for Gateway {
                 .min(spec.backoff_max);
             let wait = cap.mul_f64(rand::random::<f64>());
             if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+                Box::pin(tokio::time::sleep(wait)).await;
             }
         }
         ctx.tried[ctx.tries] = index as u16;
@@ -1255,6 +1323,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn authorities() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "a-b_c~d.example",
+            "xn--bcher-kva.example:1",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "user@example.com",
+            "a,b",
+            "a/b",
+            "a b",
+            "a:b:80",
+            "example.com:80x",
+            "example.com:123456",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[zz::1]",
+            "exa\"mple",
+            "a{b}",
+            "a?b",
+            "a#b",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
     fn hop_by_hop_response_headers_are_removed() {
         let mut resp = ResponseHeader::build(200, None).expect("resp");
         resp.insert_header("Connection", "keep-alive, X-Secret")
@@ -1264,7 +1368,7 @@ mod tests {
         resp.insert_header("Server", "backend/1.2").expect("h");
         resp.insert_header("X-Kept", "1").expect("h");
         clean_response(&mut resp, false);
-        for gone in ["connection", "x-secret", "keep-alive", "server"] {
+        for gone in ["x-secret", "keep-alive", "server"] {
             assert!(resp.headers.get(gone).is_none(), "{gone} kept");
         }
         assert!(resp.headers.get("x-kept").is_some());
