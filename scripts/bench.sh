@@ -408,7 +408,7 @@ EOF
 # reference proxy add none either); every other run keeps Tollgate's defaults.
 plain_server_yaml() {
     [[ $1 == tollgate-plain ]] || return 0
-    printf '  forwarded_headers: false\n  request_id_header: false\n  trace_context: false\n'
+    printf '  forwarded_headers: false\n  request_id_header: false\n  trace_context: false\n  hide_backend_server: false\n'
 }
 
 # Tollgate as shipped, cut down to the benchmark: one worker thread, one route, one upstream with

@@ -548,7 +548,7 @@ async fn revalidate(
                 body.extend_from_slice(&chunk);
             }
             let mut header = resp.clone();
-            crate::proxy::clean_response(&mut header, false);
+            crate::proxy::clean_response(&mut header, false, snapshot.server.hide_backend_server);
             Some(Arc::new(Entry {
                 header,
                 body: body.freeze(),

@@ -134,7 +134,7 @@ fn strip_hop_by_hop(headers: &http::HeaderMap, mut remove: impl FnMut(&str), kee
     }
 }
 
-pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool) {
+pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool, hide_server: bool) {
     // One look at the (few) response headers decides what needs removing: most responses
     // carry only `Connection` and `Server` of these.
     let (mut server, mut connection, mut other) = (false, false, false);
@@ -147,11 +147,20 @@ pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool) {
             other = true;
         }
     }
-    // The upstream's software never reaches the client.
-    if server {
+    // The upstream's software never reaches the client (unless configured to).
+    if server && hide_server {
         resp.remove_header(&header::SERVER);
     }
-    if connection {
+    // `keep-alive` or `close` alone (nearly every response) names no other field.
+    let plain_connection = || {
+        let mut values = resp.headers.get_all(header::CONNECTION).iter();
+        matches!(
+            (values.next(), values.next()),
+            (Some(v), None) if v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+                || v.as_bytes().eq_ignore_ascii_case(b"close")
+        )
+    };
+    if connection && !plain_connection() {
         // Fields the upstream named in `Connection` are hop-by-hop too. `Connection` itself is
         // pingora's: rewritten on HTTP/1.1 (keep-alive or close; kept on a 101) and dropped on
         // HTTP/2, so it is left for pingora to set.
@@ -813,7 +822,11 @@ impl Gateway {
     ) -> Result<()> {
         let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
             && session.is_upgrade_req();
-        clean_response(upstream_response, upgraded);
+        clean_response(
+            upstream_response,
+            upgraded,
+            ctx.snapshot.server.hide_backend_server,
+        );
         if ctx.cache.is_some() {
             self.cache_capture(session, upstream_response, ctx)?;
         }
@@ -1367,7 +1380,7 @@ mod tests {
         resp.insert_header("Keep-Alive", "timeout=5").expect("h");
         resp.insert_header("Server", "backend/1.2").expect("h");
         resp.insert_header("X-Kept", "1").expect("h");
-        clean_response(&mut resp, false);
+        clean_response(&mut resp, false, true);
         for gone in ["x-secret", "keep-alive", "server"] {
             assert!(resp.headers.get(gone).is_none(), "{gone} kept");
         }

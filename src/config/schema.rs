@@ -89,6 +89,9 @@ pub struct ServerSection {
     /// Send X-Request-Id upstream and back to the client (ids are still made for logs/errors).
     #[serde(default = "yes")]
     pub request_id_header: bool,
+    /// Remove the backend's `Server` header from responses (NGINX does the same).
+    #[serde(default = "yes")]
+    pub hide_backend_server: bool,
     /// Continue or start W3C trace context (traceparent) on upstream requests.
     #[serde(default = "yes")]
     pub trace_context: bool,

@@ -65,6 +65,7 @@ pub struct ServerSettings {
     pub access_log: crate::observe::LogTarget,
     pub forwarded_headers: bool,
     pub request_id_header: bool,
+    pub hide_backend_server: bool,
     pub trace_context: bool,
     pub max_headers: usize,
     /// Longest single header field, `name: value` without the line end.
@@ -299,6 +300,7 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         underscore_headers: s.underscore_headers,
         forwarded_headers: s.forwarded_headers,
         request_id_header: s.request_id_header,
+        hide_backend_server: s.hide_backend_server,
         trace_context: s.trace_context,
         access_log: match s.access_log.as_str() {
             "off" => crate::observe::LogTarget::Off,

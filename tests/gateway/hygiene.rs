@@ -204,3 +204,22 @@ async fn underscore_headers_and_header_counts() {
     let v: serde_json::Value = r.json().await.expect("json");
     assert_eq!(v["error"], "bad_request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_server_header_can_be_kept() {
+    let a = MockUpstream::start("a").await;
+    let body = format!(
+        "upstreams:\n{}routes:\n  - {{ name: r, upstream: u }}\n",
+        upstream_yaml("u", &[&a], "")
+    );
+    let gw = Gateway::start_with(&body, "  hide_backend_server: false\n").await;
+    let resp = http().get(gw.url("/x")).send().await.expect("send");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("server").map(|v| v.as_bytes()),
+        Some(&b"mock/1.0 (internal build 42)"[..])
+    );
+    // Hop-by-hop removal does not depend on it.
+    assert!(resp.headers().get("x-hop").is_none());
+    assert!(resp.headers().get("keep-alive").is_none());
+}
