@@ -404,8 +404,8 @@ EOF
     esac
 }
 
-# tollgate-plain: no X-Forwarded-*, X-Request-Id or traceparent (NGINX's proxy_pass and the
-# reference proxy add none either); every other run keeps Tollgate's defaults.
+# tollgate-plain: no X-Forwarded-*, X-Request-Id or traceparent, backend Server header kept (the
+# reference proxy adds and removes nothing either); every other run keeps Tollgate's defaults.
 plain_server_yaml() {
     [[ $1 == tollgate-plain ]] || return 0
     printf '  forwarded_headers: false\n  request_id_header: false\n  trace_context: false\n  hide_backend_server: false\n'
