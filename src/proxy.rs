@@ -279,6 +279,9 @@ fn valid_authority(h: &[u8]) -> bool {
 /// coding (400 unless it is chunked) but forwards `chunked` alone, so any other coding would reach
 /// the backend mislabelled; and chunked must not be applied twice (RFC 9112 §6.1, §7).
 fn valid_transfer_encoding(req: &RequestHeader) -> bool {
+    if !req.headers.contains_key(header::TRANSFER_ENCODING) {
+        return true;
+    }
     let mut codings = req
         .headers
         .get_all(header::TRANSFER_ENCODING)
@@ -634,6 +637,10 @@ impl Gateway {
 
     /// `request_body_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
     fn request_body_filter_now(&self, body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
+        if body.is_none() && ctx.body_started.is_none() {
+            // No body at all (pingora still calls once): nothing to time or count.
+            return Ok(());
+        }
         let started = *ctx.body_started.get_or_insert_with(Instant::now);
         if started.elapsed() > ctx.snapshot.server.body_timeout {
             // A trickling body: the whole body must arrive within body_timeout.
@@ -744,7 +751,10 @@ impl Gateway {
         }
         // Identical duplicate Content-Lengths (`5, 5`, or two fields) passed pingora's check:
         // the backend gets exactly one (RFC 9110 §8.6).
-        let merged_length = {
+        let merged_length = if upstream_request
+            .headers
+            .contains_key(header::CONTENT_LENGTH)
+        {
             let mut lengths = upstream_request
                 .headers
                 .get_all(header::CONTENT_LENGTH)
@@ -759,6 +769,8 @@ impl Gateway {
                 }
                 _ => None,
             }
+        } else {
+            None
         };
         if let Some(n) = merged_length {
             upstream_request.insert_header(header::CONTENT_LENGTH, n)?;
