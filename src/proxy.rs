@@ -1043,9 +1043,13 @@ impl ProxyHttp for Gateway {
                 // always when the framing is in doubt.
                 ctx.error = Some(err);
                 let close = !session.is_body_empty() || malformed(session);
-                let mut extra = limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers);
                 // Retry-After comes from the error itself.
-                extra.retain(|(name, _)| *name != "Retry-After");
+                let mut extra: Vec<(&'static str, String)> =
+                    limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers)
+                        .into_iter()
+                        .filter(|(name, _)| *name != "Retry-After")
+                        .map(|(name, v)| (name, v.to_str().unwrap_or_default().to_string()))
+                        .collect();
                 ensure_request_id(session, ctx);
                 extra.push(("X-Request-Id", ctx.request_id.clone()));
                 // Boxed, like every rare path here: the future of the common path stays small

@@ -118,7 +118,10 @@ impl Default for Limiter {
 
 /// Hash of everything that identifies a counter.
 fn counter_hash(scope: &str, tier: &str, algo: &Algo, key: &KeyBytes<'_>) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
+    // foldhash with a per-process random seed: fast, and callers cannot aim collisions.
+    static SEED: std::sync::LazyLock<foldhash::fast::RandomState> =
+        std::sync::LazyLock::new(foldhash::fast::RandomState::default);
+    let mut h = std::hash::BuildHasher::build_hasher(&*SEED);
     scope.hash(&mut h);
     tier.hash(&mut h);
     window_of(algo).hash(&mut h);
@@ -319,7 +322,11 @@ pub fn ceil_secs(ms: u64) -> u64 {
 }
 
 /// The rate-limit response headers (IETF draft fields and the X-RateLimit-* trio).
-pub fn headers(outcome: &Outcome, tier_names: &[Arc<str>]) -> Vec<(&'static str, String)> {
+/// Numbers become values without an intermediate `String` (they are on every limited response).
+pub fn headers(
+    outcome: &Outcome,
+    tier_names: &[Arc<str>],
+) -> Vec<(&'static str, http::HeaderValue)> {
     let Outcome::Decided {
         decision,
         limit,
@@ -331,23 +338,28 @@ pub fn headers(outcome: &Outcome, tier_names: &[Arc<str>]) -> Vec<(&'static str,
     };
     let name = tier_names.get(*tier).map_or("default", |t| t);
     let reset = ceil_secs(decision.reset_ms);
-    let mut h = vec![
-        (
-            "RateLimit-Policy",
-            format!("\"{name}\";q={limit};w={window_s}"),
-        ),
-        (
-            "RateLimit",
-            format!("\"{name}\";r={};t={reset}", decision.remaining),
-        ),
-        ("X-RateLimit-Limit", limit.to_string()),
-        ("X-RateLimit-Remaining", decision.remaining.to_string()),
-        ("X-RateLimit-Reset", reset.to_string()),
-    ];
+    // Tier names are validated tokens, so these are always valid field values.
+    let text =
+        |s: String| http::HeaderValue::from_str(&s).unwrap_or(http::HeaderValue::from_static(""));
+    let mut h = Vec::with_capacity(6);
+    h.push((
+        "RateLimit-Policy",
+        text(format!("\"{name}\";q={limit};w={window_s}")),
+    ));
+    h.push((
+        "RateLimit",
+        text(format!("\"{name}\";r={};t={reset}", decision.remaining)),
+    ));
+    h.push(("X-RateLimit-Limit", http::HeaderValue::from(*limit)));
+    h.push((
+        "X-RateLimit-Remaining",
+        http::HeaderValue::from(decision.remaining),
+    ));
+    h.push(("X-RateLimit-Reset", http::HeaderValue::from(reset)));
     if !decision.allowed {
         h.push((
             "Retry-After",
-            ceil_secs(decision.retry_after_ms).to_string(),
+            http::HeaderValue::from(ceil_secs(decision.retry_after_ms)),
         ));
     }
     h
