@@ -7,11 +7,18 @@
 #   ROUNDS=5 DURATION=20s scripts/bench.sh              # longer, steadier
 #   ROUNDS=1 DURATION=3s BENCH_OUT=/tmp/b.md scripts/bench.sh   # quick smoke run
 #   PROXIES="tollgate tollgate-rl-local" scripts/bench.sh   # only some of the runs
+#   COUNT=instructions scripts/bench.sh                 # instructions per request (callgrind)
 #
 # Other knobs (env): CONNECTIONS=64 WRK_THREADS=1 WARMUP=1s PROXY_CPU=1 LOAD_CPU=0
 #   UPSTREAM_CPU=<LOAD_CPU on 2 cores, else 2> REDIS_CPU=<UPSTREAM_CPU>
 #   BUILD=1 (0 = reuse the binaries already built) CARGO_TARGET_DIR (honoured, as cargo does).
 #   KEEP_WORK=0 (1 = keep the scratch directory: configs, server logs, raw wrk outputs).
+#   COUNT=cpu (default: CPU time per request from /proc, under wrk's saturating load) or
+#   COUNT=instructions: the pingora-based proxies (reference and the Tollgate runs) run under
+#   valgrind's callgrind, and the table gives instructions executed per request (all threads)
+#   over one wrk run of CONNECTIONS (default 4 in this mode) after the warm-up. Instruction
+#   counts do not depend on timing or on what else the machine runs: the same binary and load
+#   give the same figure to within a fraction of a percent, so small hot-path changes show.
 #   PROXIES (space-separated, in table order; default all): nginx haproxy reference tollgate
 #   tollgate-rl-local tollgate-rl-exact tollgate-rl-batched.
 #
@@ -52,7 +59,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
-CONNECTIONS=${CONNECTIONS:-64}
+COUNT=${COUNT:-cpu}
+if [[ $COUNT == instructions ]]; then CONNECTIONS=${CONNECTIONS:-4}; else CONNECTIONS=${CONNECTIONS:-64}; fi
 WRK_THREADS=${WRK_THREADS:-1}
 BUILD=${BUILD:-1}
 KEEP_WORK=${KEEP_WORK:-0}
@@ -66,7 +74,12 @@ fi
 REDIS_CPU=${REDIS_CPU:-$UPSTREAM_CPU}
 # The order of the table; the first round runs them in this order, later rounds rotate it.
 ALL_PROXIES=(nginx haproxy reference tollgate-plain tollgate tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
-read -r -a PROXIES <<<"${PROXIES:-${ALL_PROXIES[*]}}"
+if [[ $COUNT == instructions ]]; then
+    # callgrind follows one process; NGINX and HAProxy are measured by CPU time only.
+    read -r -a PROXIES <<<"${PROXIES:-reference tollgate-plain tollgate tollgate-rl-local}"
+else
+    read -r -a PROXIES <<<"${PROXIES:-${ALL_PROXIES[*]}}"
+fi
 # The rate-limiter runs' tier limit: never reached (the counter is per client IP, and wrk is one
 # client), so every request is counted and allowed.
 RL_LIMIT=1000000000
@@ -145,6 +158,7 @@ ensure_tools() {
     local -A pkg_of=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [cmake]=cmake [curl]=curl
         [python3]=python3 [taskset]=util-linux [cargo]=)
     if needs_redis; then pkg_of+=([redis-server]=redis-server [redis-cli]=redis-tools); fi
+    if [[ $COUNT == instructions ]]; then pkg_of+=([valgrind]=valgrind [callgrind_control]=valgrind); fi
     local tool missing=() pkgs=()
     for tool in "${!pkg_of[@]}"; do
         command -v "$tool" >/dev/null 2>&1 && continue
@@ -207,6 +221,9 @@ EOF
 start() {
     local name=$1 cpu=$2
     shift 2
+    if [[ $COUNT == instructions && ($name == reference || $name == tollgate*) ]]; then
+        set -- valgrind --tool=callgrind --callgrind-out-file="$WORK/$name.callgrind" "$@"
+    fi
     taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
     STARTED_PIDS+=($!)
     LAST_PID=$!
@@ -563,6 +580,58 @@ run_one() {
     fi
 }
 
+# COUNT=instructions: one run of one proxy under callgrind. Counters are zeroed after the warm-up
+# and dumped after the wrk run, so the dump holds exactly the measured requests' instructions
+# (every thread of the process: workers, runtime, background services).
+run_one_instructions() {
+    local name=$1 round=$2 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]}
+    local url="http://127.0.0.1:$port/" out parsed rps p50 p99 requests errors non2xx dump ir per
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    rm -f "$WORK/$name.callgrind".*
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name died during the run"; }
+    parsed=$(parse_wrk <<<"$out") || { echo "$out" >&2; die "cannot parse wrk output for $name"; }
+    read -r rps p50 p99 requests errors non2xx <<<"$parsed"
+    ((requests > 0)) || die "$name: wrk completed no requests"
+    # callgrind writes one file per dump: sum what this dump wrote.
+    ir=0
+    for dump in "$WORK/$name.callgrind".*; do
+        [[ -e $dump ]] || continue
+        ir=$((ir + $(awk '/^(summary|totals):/ { print $2; exit }' "$dump")))
+    done
+    ((ir > 0)) || die "$name: no callgrind dump"
+    per=$(awk -v i="$ir" -v n="$requests" 'BEGIN { printf "%.0f", i / n }')
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\n' "$name" "$round" "$rps" "$p50" "$p99" \
+        "$per" "$requests" "$errors" "$non2xx" >>"$RESULTS"
+    log "$(printf 'round %s  %-19s %6s requests  %8s instructions/req  errors %s  non-2xx %s' \
+        "$round" "$name" "$requests" "$per" "$errors" "$non2xx")"
+}
+
+# COUNT=instructions: medians of instructions per request, and the ratios to the reference.
+report_instructions() {
+    local name per ref plain
+    ref=$(median reference 6)
+    plain=$(median tollgate-plain 6)
+    cat <<EOF
+# Tollgate instructions per request (callgrind)
+
+- $(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo ' (dirty)'), pingora 0.9.1, release profile (fat LTO, 1 codegen unit, mimalloc)
+- each proxy under \`valgrind --tool=callgrind\`; counters zeroed after a $WARMUP warm-up, then wrk -t1 -c$CONNECTIONS -d$DURATION; $ROUNDS round(s), medians shown
+- instructions/req = instructions executed by every thread of the proxy over the run / requests completed
+
+| proxy | requests | instructions/req | vs reference | vs tollgate-plain |
+|---|---:|---:|---:|---:|
+EOF
+    for name in "${PROXIES[@]}"; do
+        per=$(median "$name" 6)
+        awk -v n="$name" -v per="$per" -v r="$ref" -v p="$plain" -v req="$(total "$name" 7)" '
+            function ratio(a, b) { return b > 0 ? sprintf("%.3f×", a / b) : "n/a" }
+            BEGIN { printf "| %s | %d | %.0f | %s | %s |\n", n, req, per, ratio(per, r), ratio(per, p) }'
+    done
+}
+
 # Median of a column (1-based, of $RESULTS) for one proxy; empty when the proxy did not run.
 median() {
     awk -F'\t' -v p="$1" -v c="$2" '$1 == p { print $c }' "$RESULTS" | sort -g |
@@ -673,9 +742,12 @@ main() {
     ((${#PROXIES[@]})) || die "PROXIES is empty"
     for name in "${PROXIES[@]}"; do
         [[ " ${ALL_PROXIES[*]} " == *" $name "* ]] || die "unknown proxy in PROXIES: $name (known: ${ALL_PROXIES[*]})"
+        [[ $COUNT != instructions || $name == reference || $name == tollgate* ]] ||
+            die "COUNT=instructions measures the pingora-based proxies only (reference, tollgate*), not $name"
         [[ -z ${seen[$name]:-} ]] || die "proxy listed twice in PROXIES: $name"
         seen[$name]=1
     done
+    [[ $COUNT == cpu || $COUNT == instructions ]] || die "COUNT is cpu or instructions, not $COUNT"
     ensure_tools
     build
     CLK_TCK=$(getconf CLK_TCK)
@@ -711,11 +783,17 @@ main() {
         for i in "${!PROXIES[@]}"; do
             order+=("${PROXIES[$(((i + round - 1) % ${#PROXIES[@]}))]}")
         done
-        for name in "${order[@]}"; do run_one "$name" "$round"; done
+        for name in "${order[@]}"; do
+            if [[ $COUNT == instructions ]]; then
+                run_one_instructions "$name" "$round"
+            else
+                run_one "$name" "$round"
+            fi
+        done
     done
 
     mkdir -p "$(dirname "$BENCH_OUT")"
-    report >"$BENCH_OUT"
+    if [[ $COUNT == instructions ]]; then report_instructions >"$BENCH_OUT"; else report >"$BENCH_OUT"; fi
     echo
     cat "$BENCH_OUT"
     echo

@@ -50,12 +50,35 @@ impl HeadScanner {
     /// and the scanner must not be fed again; otherwise `None`.
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
         let mut i = 0;
+        if self.line == 0 && self.len == 0 && !self.cr {
+            // A whole request line in this read (the common case): one tight pass instead of
+            // the byte-at-a-time state machine.
+            if let Some(nl) = memchr::memchr(b'\n', bytes) {
+                let line = &bytes[..nl];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let (mut spaces, mut control) = (0usize, false);
+                for &b in line {
+                    // Bitwise, not short-circuit: the loop stays branch-free.
+                    spaces += usize::from(b == b' ');
+                    control |= (b < 0x20) | (b == 0x7f);
+                }
+                // Empty, not exactly two spaces, or a control byte (NUL, a bare CR, tab...).
+                self.bad |= line.is_empty() || spaces != 2 || control;
+                self.spaces = u8::try_from(spaces).unwrap_or(u8::MAX);
+                self.line = 1;
+                i = nl + 1;
+            }
+        }
         while i < bytes.len() {
             if self.line > 0 {
                 // Inside header lines only CR, LF and NUL matter: jump to the next of them
                 // (memchr: the whole section costs a few instructions per 16 bytes).
                 let rest = &bytes[i..];
-                let skip = memchr::memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len());
+                let skip = if matches!(rest[0], b'\r' | b'\n' | 0) {
+                    0
+                } else {
+                    memchr::memchr3(b'\r', b'\n', 0, rest).unwrap_or(rest.len())
+                };
                 if skip > 0 {
                     if self.cr {
                         self.bad = true; // bare CR
@@ -71,6 +94,16 @@ impl HeadScanner {
                     if i == bytes.len() {
                         break;
                     }
+                }
+                if !self.cr && bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+                    // A CRLF line end, taken whole.
+                    if self.len == 0 {
+                        return Some(i + 2); // the blank line ending the head
+                    }
+                    self.line = self.line.saturating_add(1);
+                    self.len = 0;
+                    i += 2;
+                    continue;
                 }
             }
             if self.byte(bytes[i]) {
@@ -396,7 +429,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         } else {
             Box::new(HeaderDeadline::new(stream, self.header_timeout))
         };
-        self.app.process_new(stream, shutdown).await
+        // The connection's requests, one after another, as pingora's own loop would run them
+        // (`handle_event`): looping here wraps the stream once and enters this layer once per
+        // connection, not once per request.
+        let mut next = self.app.process_new(stream, shutdown).await;
+        while let Some(stream) = next {
+            next = self.app.process_new(stream, shutdown).await;
+        }
+        None
     }
 
     async fn cleanup(&self) {

@@ -90,6 +90,26 @@ pub struct Ctx {
     cache: Option<Box<cache::Ctx>>,
     /// The upstream failed and an old cached response will answer instead (stale-if-error).
     serve_stale: bool,
+    head: HeadFacts,
+}
+
+/// What `admit`'s one pass over the request's header fields found, so that later phases skip
+/// lookups of fields the request does not carry. Until that pass has run, every answer is the
+/// one that makes the later phases look for themselves.
+#[derive(Debug, Clone, Copy)]
+struct HeadFacts {
+    /// `Content-Length` fields (saturating).
+    content_lengths: u8,
+    /// A field to remove before going upstream: an identity header in any spelling, or a name
+    /// with an underscore.
+    to_strip: bool,
+}
+
+impl HeadFacts {
+    const UNKNOWN: Self = Self {
+        content_lengths: u8::MAX,
+        to_strip: true,
+    };
 }
 
 impl Ctx {
@@ -137,12 +157,15 @@ fn strip_hop_by_hop(headers: &http::HeaderMap, mut remove: impl FnMut(&str), kee
 pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool, hide_server: bool) {
     // One look at the (few) response headers decides what needs removing: most responses
     // carry only `Connection` and `Server` of these.
-    let (mut server, mut connection, mut other) = (false, false, false);
-    for name in resp.headers.keys() {
+    // `named`: a Connection value other than `keep-alive` or `close` (which name no other
+    // field; nearly every response has one of them alone).
+    let (mut server, mut named, mut other) = (false, false, false);
+    for (name, value) in resp.headers.iter() {
         if *name == header::SERVER {
             server = true;
         } else if *name == header::CONNECTION {
-            connection = true;
+            let v = value.as_bytes();
+            named |= !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"));
         } else if HOP_BY_HOP[1..].contains(name) {
             other = true;
         }
@@ -151,16 +174,7 @@ pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool, hide_ser
     if server && hide_server {
         resp.remove_header(&header::SERVER);
     }
-    // `keep-alive` or `close` alone (nearly every response) names no other field.
-    let plain_connection = || {
-        let mut values = resp.headers.get_all(header::CONNECTION).iter();
-        matches!(
-            (values.next(), values.next()),
-            (Some(v), None) if v.as_bytes().eq_ignore_ascii_case(b"keep-alive")
-                || v.as_bytes().eq_ignore_ascii_case(b"close")
-        )
-    };
-    if connection && !plain_connection() {
+    if named {
         // Fields the upstream named in `Connection` are hop-by-hop too. `Connection` itself is
         // pingora's: rewritten on HTTP/1.1 (keep-alive or close; kept on a 101) and dropped on
         // HTTP/2, so it is left for pingora to set.
@@ -225,18 +239,15 @@ struct Attempt {
 
 /// HTTP/1.x needs exactly one `Host` (routing depends on it, so HTTP/1.0 too), a plain
 /// authority (no list, no userinfo, no spaces); HTTP/2 carries `:authority` (pingora checks it).
-fn valid_host(req: &RequestHeader) -> bool {
+/// `hosts` is how many Host fields the request has, `host` the first one.
+fn valid_host(req: &RequestHeader, hosts: usize, host: Option<&HeaderValue>) -> bool {
     if req.version == http::Version::HTTP_2 {
         return true;
     }
-    let mut hosts = req.headers.get_all(header::HOST).iter();
-    let Some(host) = hosts.next() else {
-        return false;
-    };
-    if hosts.next().is_some() {
-        return false;
+    match host {
+        Some(host) if hosts == 1 => valid_authority(host.as_bytes()),
+        _ => false,
     }
-    valid_authority(host.as_bytes())
 }
 
 /// `host[:port]` as RFC 3986 writes it, without userinfo: an IP literal in brackets, or a
@@ -279,9 +290,6 @@ fn valid_authority(h: &[u8]) -> bool {
 /// coding (400 unless it is chunked) but forwards `chunked` alone, so any other coding would reach
 /// the backend mislabelled; and chunked must not be applied twice (RFC 9112 §6.1, §7).
 fn valid_transfer_encoding(req: &RequestHeader) -> bool {
-    if !req.headers.contains_key(header::TRANSFER_ENCODING) {
-        return true;
-    }
     let mut codings = req
         .headers
         .get_all(header::TRANSFER_ENCODING)
@@ -374,7 +382,7 @@ impl Gateway {
         session: &Session,
         ctx: &mut Ctx,
     ) -> std::result::Result<(), GatewayError> {
-        let snapshot = ctx.snapshot.clone();
+        let snapshot = &*ctx.snapshot;
         if let Some(shed) = &snapshot.global_shed {
             match Box::pin(shed.admit()).await {
                 Some(permit) => ctx.permits.0 = Some(permit),
@@ -384,21 +392,43 @@ impl Gateway {
                 }
             }
         }
-        // Syntax pingora would repair or that a backend could read differently: refuse it.
         let req = session.req_header();
-        if malformed(session) || !valid_host(req) || !valid_transfer_encoding(req) {
+        // One pass over the header fields: sizes, and the fields later checks need.
+        let (mut header_bytes, mut longest, mut underscores) = (0usize, 0usize, false);
+        let (mut hosts, mut host, mut transfer_encoding) = (0usize, None, false);
+        let (mut content_lengths, mut identity_headers) = (0u8, false);
+        for (k, v) in req.headers.iter() {
+            let name = k.as_str();
+            let line = name.len() + v.len() + 2; // `name: value`
+            header_bytes += line + 2;
+            longest = longest.max(line);
+            underscores |= name.contains('_');
+            if *k == header::HOST {
+                hosts += 1;
+                host.get_or_insert(v);
+            } else if *k == header::TRANSFER_ENCODING {
+                transfer_encoding = true;
+            } else if *k == header::CONTENT_LENGTH {
+                content_lengths = content_lengths.saturating_add(1);
+            } else {
+                identity_headers |= identity::is_identity_header(name);
+            }
+        }
+        // Syntax pingora would repair or that a backend could read differently: refuse it.
+        if malformed(session)
+            || !valid_host(req, hosts, host)
+            || (transfer_encoding && !valid_transfer_encoding(req))
+        {
             return Err(GatewayError::BadRequest);
         }
         if req.raw_path().len() > snapshot.server.max_uri_bytes {
             return Err(GatewayError::UriTooLong);
         }
-        let (mut header_bytes, mut longest, mut underscores) = (0usize, 0usize, false);
-        for (k, v) in req.headers.iter() {
-            let line = k.as_str().len() + v.len() + 2; // `name: value`
-            header_bytes += line + 2;
-            longest = longest.max(line);
-            underscores |= k.as_str().contains('_');
-        }
+        ctx.head = HeadFacts {
+            content_lengths,
+            to_strip: identity_headers
+                || (underscores && snapshot.server.underscore_headers == UnderscoreHeaders::Drop),
+        };
         if header_bytes > snapshot.server.max_header_bytes
             || longest > snapshot.server.max_header_line_bytes
             || req.headers.len() > snapshot.server.max_headers
@@ -507,6 +537,7 @@ impl Gateway {
         ctx: &mut Ctx,
     ) -> Option<(Arc<cache::Entry>, cache::Status)> {
         let index = ctx.route?;
+        ctx.snapshot.routes[index].cache.as_ref()?;
         let snapshot = ctx.snapshot.clone();
         let route = &snapshot.routes[index];
         let policy = route.cache.as_ref()?;
@@ -616,7 +647,12 @@ impl Gateway {
             #[cfg(feature = "otlp")]
             span::sample(ctx);
         }
-        let host = route::normalize_host(request_host(req));
+        // The host is looked up and normalised only when some route matches on it.
+        let host = if ctx.snapshot.routes_match_host {
+            route::normalize_host(request_host(req))
+        } else {
+            std::borrow::Cow::Borrowed("")
+        };
         ctx.route = ctx
             .snapshot
             .routes
@@ -699,18 +735,20 @@ impl Gateway {
         // `Connection` (sanitize_h1_upstream_request) before this filter runs.
         let snapshot = &ctx.snapshot;
         // Identity: the client's identity headers are removed in every spelling, ours added.
-        let drop_underscores = snapshot.server.underscore_headers == UnderscoreHeaders::Drop;
-        let unwanted: Vec<HeaderName> = upstream_request
-            .headers
-            .keys()
-            .filter(|k| {
-                identity::is_identity_header(k.as_str())
-                    || (drop_underscores && k.as_str().contains('_'))
-            })
-            .cloned()
-            .collect();
-        for name in unwanted {
-            upstream_request.remove_header(&name);
+        if ctx.head.to_strip {
+            let drop_underscores = snapshot.server.underscore_headers == UnderscoreHeaders::Drop;
+            let unwanted: Vec<HeaderName> = upstream_request
+                .headers
+                .keys()
+                .filter(|k| {
+                    identity::is_identity_header(k.as_str())
+                        || (drop_underscores && k.as_str().contains('_'))
+                })
+                .cloned()
+                .collect();
+            for name in unwanted {
+                upstream_request.remove_header(&name);
+            }
         }
         match &ctx.identity {
             // No authentication ran (auth: none): nothing to assert to the backend.
@@ -737,24 +775,20 @@ impl Gateway {
 
         // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
         // send origin-form to the (HTTP/1.1) backend.
-        let host = if upstream_request.headers.get(header::HOST).is_none()
-            || snapshot.server.forwarded_headers
-        {
+        let no_host = !upstream_request.headers.contains_key(header::HOST);
+        let host = if no_host || snapshot.server.forwarded_headers {
             HeaderValue::from_bytes(request_host(upstream_request).as_bytes()).ok()
         } else {
             None
         };
-        if upstream_request.headers.get(header::HOST).is_none() {
+        if no_host {
             if let Some(h) = host.clone().filter(|h| !h.is_empty()) {
                 upstream_request.insert_header(header::HOST, h)?;
             }
         }
         // Identical duplicate Content-Lengths (`5, 5`, or two fields) passed pingora's check:
         // the backend gets exactly one (RFC 9110 §8.6).
-        let merged_length = if upstream_request
-            .headers
-            .contains_key(header::CONTENT_LENGTH)
-        {
+        let merged_length = if ctx.head.content_lengths > 0 {
             let mut lengths = upstream_request
                 .headers
                 .get_all(header::CONTENT_LENGTH)
@@ -1006,6 +1040,7 @@ impl ProxyHttp for Gateway {
             in_flight: None,
             cache: None,
             serve_stale: false,
+            head: HeadFacts::UNKNOWN,
         }
     }
 
@@ -1080,7 +1115,7 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         // Called again only for a retry: the previous attempt has ended.
         ctx.in_flight = None;
-        let snapshot = ctx.snapshot.clone();
+        let snapshot = &*ctx.snapshot;
         let Some(upstream) = ctx
             .route
             .and_then(|i| snapshot.upstreams.get(snapshot.routes[i].upstream))
@@ -1146,7 +1181,8 @@ impl ProxyHttp for Gateway {
         }
         ctx.tried[ctx.tries] = index as u16;
         ctx.tries += 1;
-        ctx.upstream_started = Some(Instant::now());
+        let now = Instant::now();
+        ctx.upstream_started = Some(now);
         ctx.current = Some(Attempt {
             backend: index,
             probe,
@@ -1160,7 +1196,7 @@ impl ProxyHttp for Gateway {
             .unwrap_or(spec.timeouts);
         let remaining = t
             .total
-            .checked_sub(ctx.started.elapsed())
+            .checked_sub(now.saturating_duration_since(ctx.started))
             .unwrap_or(Duration::from_millis(1));
         Ok(Box::new(crate::upstream::peer(
             spec.backends[index].addr,

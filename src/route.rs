@@ -121,6 +121,11 @@ pub enum Rewrite {
 }
 
 impl Route {
+    /// The route looks at the host (otherwise any host matches).
+    pub fn matches_host(&self) -> bool {
+        !self.hosts.is_empty()
+    }
+
     pub fn matches(&self, host: &str, path: &str, method: &Method) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host)))

@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     pub server: ServerSettings,
     pub routes: Vec<Route>,
+    /// Some route matches on the host: only then is the request's host normalised for routing.
+    pub routes_match_host: bool,
     pub upstreams: Vec<Upstream>,
     /// `server.keepalive_timeout` in whole seconds, as pingora wants it.
     pub keepalive_secs: u64,
@@ -128,6 +130,7 @@ impl Snapshot {
             generation,
             loaded_at: SystemTime::now(),
             server: config.server,
+            routes_match_host: config.routes.iter().any(Route::matches_host),
             routes: config.routes,
             upstreams,
             keepalive_secs,

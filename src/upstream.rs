@@ -207,9 +207,6 @@ impl Upstream {
     /// Pick a usable backend not in `tried`, by the upstream's algorithm and `key` (used by
     /// consistent hashing only). Returns its index and whether it is a half-open probe.
     pub fn select(&self, key: &[u8], tried: &[u16]) -> Result<(usize, bool), NoBackend> {
-        if !self.any_healthy() {
-            return Err(NoBackend::NoneHealthy);
-        }
         let now = if self.spec.breaker.is_some() {
             breaker::now_ms()
         } else {
@@ -235,18 +232,26 @@ impl Upstream {
                 },
             }
         };
-        // Enough iterations for the algorithm's own fallback order to visit every backend
-        // with high probability; a linear scan below guarantees the answer either way.
-        let max_iter = 8 + 2 * self.backends.len();
-        let picked = match &self.selector {
-            Selector::RoundRobin(s) => first_accepted(s.iter(key), max_iter, accept),
-            Selector::Random(s) => first_accepted(s.iter(key), max_iter, accept),
-            Selector::Consistent(s) => first_accepted(s.iter(key), max_iter, accept),
-        };
-        picked
+        let picked = if self.backends.len() == 1 {
+            // One backend: nothing to choose between.
+            accept(0).then_some(0)
+        } else {
+            // Enough iterations for the algorithm's own fallback order to visit every backend
+            // with high probability; a linear scan below guarantees the answer either way.
+            let max_iter = 8 + 2 * self.backends.len();
+            match &self.selector {
+                Selector::RoundRobin(s) => first_accepted(s.iter(key), max_iter, &accept),
+                Selector::Random(s) => first_accepted(s.iter(key), max_iter, &accept),
+                Selector::Consistent(s) => first_accepted(s.iter(key), max_iter, &accept),
+            }
             .or_else(|| (0..self.backends.len()).find(|&i| accept(i)))
-            .map(|i| (i, probe.get()))
-            .ok_or(NoBackend::AllTried)
+        };
+        match picked {
+            Some(i) => Ok((i, probe.get())),
+            // Told apart only now: the common path pays for one pass over the backends.
+            None if !self.any_healthy() => Err(NoBackend::NoneHealthy),
+            None => Err(NoBackend::AllTried),
+        }
     }
 
     /// Is there a usable backend this request has not tried?

@@ -184,3 +184,21 @@ fn cache_settings_are_checked_where_written() {
     assert!(!p.per_consumer);
     assert_eq!(c.cache.max_bytes, 64 << 20);
 }
+
+#[test]
+fn a_route_whose_tiers_set_no_limit_skips_the_limiter() {
+    let c = load_str(Path::new("t.yaml"), GOOD).expect("valid");
+    assert!(!c.routes[0].limit.enabled, "no tier has a limit");
+    let text = format!("{GOOD}tiers:\n  anonymous: {{ limit: 5, window: 1s }}\n");
+    let c = load_str(Path::new("t.yaml"), &text).expect("valid");
+    assert!(c.routes[0].limit.enabled, "the anonymous tier has a limit");
+    let text = format!(
+        "{}tiers:\n  anonymous: {{ limit: 5, window: 1s }}\n",
+        GOOD.replace(
+            "{ name: r, upstream: u }",
+            "{ name: r, upstream: u, rate_limit: { enabled: false } }"
+        )
+    );
+    let c = load_str(Path::new("t.yaml"), &text).expect("valid");
+    assert!(!c.routes[0].limit.enabled, "switched off on the route");
+}

@@ -689,8 +689,9 @@ fn compile_route_limit(
     tier_index: &HashMap<String, usize>,
     tier_count: usize,
 ) -> RoutePolicy {
+    // A policy where no tier has a limit decides nothing: off, so requests skip the limiter.
     let tiers_wide = RoutePolicy {
-        enabled: true,
+        enabled: tier_algos.iter().any(Option::is_some),
         key: KeyKind::Consumer,
         scope: Arc::from("t"),
         per_tier: Arc::from(tier_algos),
@@ -745,7 +746,7 @@ fn compile_route_limit(
         });
     }
     RoutePolicy {
-        enabled: rl.enabled,
+        enabled: rl.enabled && per_tier.iter().any(Option::is_some),
         key,
         scope,
         per_tier: Arc::from(per_tier),
