@@ -240,9 +240,9 @@ impl Upstream {
             // with high probability; a linear scan below guarantees the answer either way.
             let max_iter = 8 + 2 * self.backends.len();
             match &self.selector {
-                Selector::RoundRobin(s) => first_accepted(s.iter(key), max_iter, &accept),
-                Selector::Random(s) => first_accepted(s.iter(key), max_iter, &accept),
-                Selector::Consistent(s) => first_accepted(s.iter(key), max_iter, &accept),
+                Selector::RoundRobin(s) => first_accepted(s.iter(key), max_iter, accept),
+                Selector::Random(s) => first_accepted(s.iter(key), max_iter, accept),
+                Selector::Consistent(s) => first_accepted(s.iter(key), max_iter, accept),
             }
             .or_else(|| (0..self.backends.len()).find(|&i| accept(i)))
         };
