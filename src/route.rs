@@ -204,6 +204,7 @@ mod tests {
                 key: crate::limit::KeyKind::Consumer,
                 scope: Arc::from("t"),
                 per_tier: Arc::from([]),
+                counters: Arc::from([]),
             },
             timeouts: None,
             shed: None,

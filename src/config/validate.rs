@@ -15,7 +15,7 @@ use super::schema::{self, BalanceSection, FileConfig};
 use super::Problem;
 use crate::breaker::{BreakerSpec, BudgetSpec};
 use crate::identity::{self, jwt, keys, Consumer, IdentityConfig, Mode, Policy, BUILTIN_TIERS};
-use crate::limit::{self, Algo, KeyKind, RoutePolicy};
+use crate::limit::{self, Algo, KeyKind, RoutePolicy, TierCounters};
 use crate::route::{Compression, HostMatch, PathMatch, Rewrite, Route};
 use crate::shed::ShedSpec;
 use crate::store::StoreSpec;
@@ -695,6 +695,7 @@ fn compile_route_limit(
         key: KeyKind::Consumer,
         scope: Arc::from("t"),
         per_tier: Arc::from(tier_algos),
+        counters: TierCounters::per_tier(tier_algos.len()),
     };
     let Some(rl) = &r.rate_limit else {
         return tiers_wide;
@@ -749,6 +750,7 @@ fn compile_route_limit(
         enabled: rl.enabled && per_tier.iter().any(Option::is_some),
         key,
         scope,
+        counters: TierCounters::per_tier(per_tier.len()),
         per_tier: Arc::from(per_tier),
     }
 }
@@ -1096,6 +1098,7 @@ fn compile_route(
             key: KeyKind::Consumer,
             scope: Arc::from("t"),
             per_tier: Arc::from([]),
+            counters: Arc::from([]),
         },
         auth,
         hosts,

@@ -70,6 +70,31 @@ pub struct RoutePolicy {
     pub scope: Arc<str>,
     /// Per tier index: the limit, or `None` for unlimited.
     pub per_tier: Arc<[Option<Algo>]>,
+    /// Per tier index: its decision counters, resolved on first use.
+    pub counters: Arc<[TierCounters]>,
+}
+
+/// One tier's `tollgate_ratelimit_decisions_total` children (allowed, limited, unavailable),
+/// looked up once instead of by label on every request.
+#[derive(Debug, Default)]
+pub struct TierCounters([std::sync::OnceLock<prometheus::IntCounter>; 3]);
+
+impl TierCounters {
+    /// One set per tier, for a route policy.
+    pub fn per_tier(tiers: usize) -> Arc<[TierCounters]> {
+        (0..tiers).map(|_| TierCounters::default()).collect()
+    }
+}
+
+const RESULTS: [&str; 3] = ["allowed", "limited", "unavailable"];
+
+/// Count one decision (`result` indexes `RESULTS`) for tier `tier` named `name`.
+fn count_decision(policy: &RoutePolicy, tier: TierId, name: &str, result: usize) {
+    let counter = |r: usize| metrics::RATE_LIMIT_DECISIONS.with_label_values(&[name, RESULTS[r]]);
+    match policy.counters.get(tier) {
+        Some(c) => c.0[result].get_or_init(|| counter(result)).inc(),
+        None => counter(result).inc(),
+    }
 }
 
 /// The outcome for one request.
@@ -258,7 +283,7 @@ impl Limiter {
             }
             (_, Some(store)) => self
                 .coalescer
-                .decide(store, redis_key(), algo, settings.exact_batch)
+                .decide(store, hash, redis_key, algo, settings.exact_batch)
                 .await
                 .ok(),
         };
@@ -273,9 +298,7 @@ impl Limiter {
                 self.set_fallback(true);
                 match settings.on_failure {
                     OnFailure::Deny => {
-                        metrics::RATE_LIMIT_DECISIONS
-                            .with_label_values(&[tier_name, "unavailable"])
-                            .inc();
+                        count_decision(route, tier, tier_name, 2);
                         return Outcome::Unavailable;
                     }
                     OnFailure::Allow => (
@@ -297,16 +320,7 @@ impl Limiter {
                 }
             }
         };
-        metrics::RATE_LIMIT_DECISIONS
-            .with_label_values(&[
-                tier_name,
-                if decision.allowed {
-                    "allowed"
-                } else {
-                    "limited"
-                },
-            ])
-            .inc();
+        count_decision(route, tier, tier_name, usize::from(!decision.allowed));
         Outcome::Decided {
             decision,
             limit: limit_of(&used),

@@ -160,6 +160,8 @@ type Reply = oneshot::Sender<Result<Decision, StoreError>>;
 /// Requests for one caller waiting for the call in flight to end.
 struct Slot {
     algo: algo::Algo,
+    /// The caller's Redis key, made once by the request that opened the slot.
+    key: Arc<str>,
     waiting: Vec<Reply>,
 }
 
@@ -167,9 +169,13 @@ struct Slot {
 /// that caller's next requests queue; when it returns, ONE call decides all of them (atomically,
 /// in arrival order, never past the limit). An idle caller's request goes out at once, so
 /// nothing waits for a batch to fill. Keys are never mixed in one call (Redis Cluster slots).
+///
+/// Slots are keyed by the caller's counter hash (the same 64-bit, per-process-seeded hash that
+/// keys the local and batched counters), so a request that joins a queue never formats its
+/// Redis key; only the request that opens a slot does.
 #[derive(Default)]
 pub struct Coalescer {
-    slots: Mutex<HashMap<String, Slot>>,
+    slots: Mutex<HashMap<u64, Slot, foldhash::fast::RandomState>>,
 }
 
 /// The request whose call is in flight; when it ends (or is dropped: the client left), whoever
@@ -177,44 +183,48 @@ pub struct Coalescer {
 struct Lead<'a> {
     coalescer: &'a Arc<Coalescer>,
     store: &'a Arc<Store>,
-    key: &'a str,
+    hash: u64,
 }
 
 impl Drop for Lead<'_> {
     fn drop(&mut self) {
-        self.coalescer.hand_over(self.store, self.key.to_string());
+        self.coalescer.hand_over(self.store, self.hash);
     }
 }
 
 impl Coalescer {
+    /// One decision for the caller whose counter hash is `hash` and Redis key `key()`.
     pub async fn decide(
         self: &Arc<Self>,
         store: &Arc<Store>,
-        key: String,
+        hash: u64,
+        key: impl FnOnce() -> String,
         algo: algo::Algo,
         max_batch: usize,
     ) -> Result<Decision, StoreError> {
         let one = |v: Vec<Decision>| v.into_iter().next().ok_or(StoreError::Failed);
         if max_batch <= 1 {
-            return exact(store, &key, algo, 1).await.and_then(one);
+            return exact(store, &key(), algo, 1).await.and_then(one);
         }
         enum Role {
-            Lead,
+            Lead(Arc<str>),
             Queued(oneshot::Receiver<Result<Decision, StoreError>>),
-            Alone,
+            Alone(String),
         }
         let role = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            match slots.get_mut(&key) {
+            match slots.get_mut(&hash) {
                 None => {
+                    let key: Arc<str> = Arc::from(key());
                     slots.insert(
-                        key.clone(),
+                        hash,
                         Slot {
                             algo,
+                            key: key.clone(),
                             waiting: Vec::new(),
                         },
                     );
-                    Role::Lead
+                    Role::Lead(key)
                 }
                 Some(slot) if slot.algo == algo && slot.waiting.len() < max_batch => {
                     let (tx, rx) = oneshot::channel();
@@ -222,50 +232,55 @@ impl Coalescer {
                     Role::Queued(rx)
                 }
                 // A full queue, or a limit changed by a reload: a call of its own.
-                Some(_) => Role::Alone,
+                Some(_) => Role::Alone(key()),
             }
         };
-        if let Role::Alone = role {
-            return exact(store, &key, algo, 1).await.and_then(one);
+        match role {
+            Role::Alone(key) => exact(store, &key, algo, 1).await.and_then(one),
+            // Never longer than one Redis timeout, however long the queue ahead (pingora's
+            // coarse timer: registered only if the answer is not there at the first poll).
+            Role::Queued(rx) => {
+                match pingora_timeout::fast_timeout::fast_timeout(store.spec.timeout, rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(StoreError::Failed),
+                    Err(_) => Err(StoreError::Timeout),
+                }
+            }
+            Role::Lead(key) => {
+                let _lead = Lead {
+                    coalescer: self,
+                    store,
+                    hash,
+                };
+                exact(store, &key, algo, 1).await.and_then(one)
+            }
         }
-        if let Role::Queued(rx) = role {
-            // Never longer than one Redis timeout, however long the queue ahead.
-            return match tokio::time::timeout(store.spec.timeout, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(StoreError::Failed),
-                Err(_) => Err(StoreError::Timeout),
-            };
-        }
-        let _lead = Lead {
-            coalescer: self,
-            store,
-            key: &key,
-        };
-        exact(store, &key, algo, 1).await.and_then(one)
     }
 
-    /// Take what queued for `key`; free the slot if nothing did.
-    fn take(&self, key: &str) -> Option<(algo::Algo, Vec<Reply>)> {
+    /// Take what queued for `hash`; free the slot if nothing did.
+    fn take(&self, hash: u64) -> Option<(algo::Algo, Arc<str>, Vec<Reply>)> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        match slots.get_mut(key) {
-            Some(slot) if !slot.waiting.is_empty() => {
-                Some((slot.algo, std::mem::take(&mut slot.waiting)))
-            }
+        match slots.get_mut(&hash) {
+            Some(slot) if !slot.waiting.is_empty() => Some((
+                slot.algo,
+                slot.key.clone(),
+                std::mem::take(&mut slot.waiting),
+            )),
             _ => {
-                slots.remove(key);
+                slots.remove(&hash);
                 None
             }
         }
     }
 
-    fn hand_over(self: &Arc<Self>, store: &Arc<Store>, key: String) {
-        let Some(mut batch) = self.take(&key) else {
+    fn hand_over(self: &Arc<Self>, store: &Arc<Store>, hash: u64) {
+        let Some(mut batch) = self.take(hash) else {
             return;
         };
         let (me, store) = (self.clone(), store.clone());
         tokio::spawn(async move {
             loop {
-                let (algo, replies) = batch;
+                let (algo, key, replies) = batch;
                 match exact(&store, &key, algo, replies.len()).await {
                     Ok(decisions) => {
                         for (tx, d) in replies.into_iter().zip(decisions) {
@@ -278,7 +293,7 @@ impl Coalescer {
                         }
                     }
                 }
-                match me.take(&key) {
+                match me.take(hash) {
                     Some(next) => batch = next,
                     None => return,
                 }

@@ -531,9 +531,9 @@ async fn exact_mode_batches_decide_like_single_calls() {
             .map(|_| {
                 let (c, s) = (coalescer.clone(), store.clone());
                 tokio::spawn(async move {
-                    c.decide(&s, format!("tollgate:rl:{{many:{algo:?}}}"), algo, 64)
-                        .await
-                        .expect("decision")
+                    // One caller: one counter hash, one Redis key.
+                    let key = move || format!("tollgate:rl:{{many:{algo:?}}}");
+                    c.decide(&s, 7, key, algo, 64).await.expect("decision")
                 })
             })
             .collect();
