@@ -639,6 +639,27 @@ median() {
             END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+# Median over rounds of a per-round comparison of proxy A with proxy B on column COL (1-based, of
+# $RESULTS; "6+10" adds Redis's CPU to the proxy's): MODE ratio gives A/B, diff gives A-B. Both
+# ran in the same round, minutes apart at most, so drift in the machine's speed between rounds
+# (seen here: tens of percent from one minute to the next) hits both alike; the median of these
+# paired figures is steadier than a ratio of medians. Usage: paired MODE A B COL
+paired() {
+    awk -F'\t' -v mode="$1" -v a="$2" -v b="$3" -v col="$4" '
+        function val() { return col == "6+10" ? $6 + ($10 == "-" ? 0 : $10) : $col }
+        $1 == a { x[$2] = val() }
+        $1 == b { y[$2] = $col }
+        END {
+            for (r in x) {
+                if (!(r in y)) continue
+                if (mode == "ratio" && y[r] > 0) print x[r] / y[r]
+                if (mode == "diff") print x[r] - y[r]
+            }
+        }' "$RESULTS" | sort -g |
+        awk '{ v[NR] = $1 }
+            END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 # Sum of a column (1-based, of $RESULTS) for one proxy.
 total() {
     awk -F'\t' -v p="$1" -v c="$2" '$1 == p { s += $c } END { print s + 0 }' "$RESULTS"
@@ -647,12 +668,7 @@ total() {
 # The markdown report: settings, medians per proxy with the ratios, then the rate limiter's cost.
 report() {
     local name rps p50 p99 cpu errs non2xx redis
-    local nginx_cpu ref_cpu ref_p99 tg_cpu tg_p99 measured idle
-    nginx_cpu=$(median nginx 6)
-    ref_cpu=$(median reference 6)
-    ref_p99=$(median reference 5)
-    tg_cpu=$(median tollgate 6)
-    tg_p99=$(median tollgate 5)
+    local measured idle
     cat <<EOF
 # Tollgate whole-gateway benchmark
 
@@ -661,6 +677,7 @@ report() {
 - wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (after a $WARMUP warm-up), $ROUNDS interleaved round(s); medians shown
 - $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), pingora 0.9.1$(needs_redis && redis-server --version | awk '{ sub(/^v=/, "", $3); print ", Redis " $3 }')
 - CPU/req = utime+stime of all the proxy's processes over the run / requests completed
+- the ratio columns are medians over rounds of the ratio within each round (see \`paired\` in the script)
 
 | proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs NGINX | CPU vs reference | p99 vs reference | socket errors | non-2xx |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
@@ -673,12 +690,12 @@ EOF
         errs=$(total "$name" 8)
         non2xx=$(total "$name" 9)
         awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v cpu="$cpu" -v e="$errs" \
-            -v x="$non2xx" -v ncpu="$nginx_cpu" -v rcpu="$ref_cpu" -v rp99="$ref_p99" '
-            function ratio(a, b) { return b > 0 ? sprintf("%.2f×", a / b) : "n/a" }
+            -v x="$non2xx" -v vn="$(paired ratio "$name" nginx 6)" \
+            -v vr="$(paired ratio "$name" reference 6)" -v pr="$(paired ratio "$name" reference 5)" '
+            function ratio(v) { return v != "" ? sprintf("%.2f×", v) : "n/a" }
             BEGIN {
                 printf "| %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %s | %d | %d |\n",
-                    n, rps, p50 / 1000, p99 / 1000, cpu,
-                    ratio(cpu, ncpu), ratio(cpu, rcpu), ratio(p99, rp99), e, x
+                    n, rps, p50 / 1000, p99 / 1000, cpu, ratio(vn), ratio(vr), ratio(pr), e, x
             }'
     done
 
@@ -700,18 +717,19 @@ EOF
         cpu=$(median "$name" 6)
         redis=-
         uses_redis "$name" && redis=$(median "$name" 10)
-        awk -v n="$name" -v p99="$p99" -v cpu="$cpu" -v r="$redis" -v tcpu="$tg_cpu" -v tp99="$tg_p99" '
-            function ratio(a, b) { return b > 0 ? sprintf("%.2f×", a / b) : "n/a" }
+        awk -v n="$name" -v p99="$p99" -v cpu="$cpu" -v r="$redis" \
+            -v vt="$(paired ratio "$name" tollgate 6)" -v vtr="$(paired ratio "$name" tollgate 6+10)" \
+            -v dp="$(paired diff "$name" tollgate 5)" '
+            function ratio(v) { return v != "" ? sprintf("%.2f×", v) : "n/a" }
             function verdict(ok) { return ok ? "met" : "**missed**" }
             BEGIN {
-                have = tcpu != "" && tp99 != ""
-                dp99 = (p99 - tp99) / 1000
-                if (n == "tollgate-rl-local")   target = sprintf("CPU ≤ 1.1×: %s", have ? verdict(cpu <= 1.1 * tcpu) : "n/a")
-                if (n == "tollgate-rl-batched") target = sprintf("CPU ≤ 1.2×: %s", have ? verdict(cpu <= 1.2 * tcpu) : "n/a")
+                have = vt != "" && dp != ""
+                dp99 = dp / 1000
+                if (n == "tollgate-rl-local")   target = sprintf("CPU ≤ 1.1×: %s", have ? verdict(vt <= 1.1) : "n/a")
+                if (n == "tollgate-rl-batched") target = sprintf("CPU ≤ 1.2×: %s", have ? verdict(vt <= 1.2) : "n/a")
                 if (n == "tollgate-rl-exact")   target = sprintf("p99 ≤ +1 ms: %s", have ? verdict(dp99 <= 1) : "n/a")
                 printf "| %s | %.2f | %s | %s | %s | %.3f | %s | %s |\n",
-                    n, cpu, r == "-" ? "—" : sprintf("%.2f", r), ratio(cpu, tcpu),
-                    r == "-" ? ratio(cpu, tcpu) : ratio(cpu + r, tcpu), p99 / 1000,
+                    n, cpu, r == "-" ? "—" : sprintf("%.2f", r), ratio(vt), ratio(vtr), p99 / 1000,
                     have ? sprintf("%+.3f ms", dp99) : "n/a", target
             }'
     done

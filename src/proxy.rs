@@ -279,12 +279,39 @@ fn valid_authority(h: &[u8]) -> bool {
         Some(_) => false,
     };
     let host_ok = host.first() == Some(&b'[')
-        || (!host.is_empty()
-            && host
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+;=%".contains(&b)));
+        || (!host.is_empty() && host.iter().all(|&b| REG_NAME[usize::from(b)]));
     port_ok && host_ok
 }
+
+/// The bytes of a reg-name or IPv4 address (RFC 3986: unreserved, sub-delims, `%`), as a table:
+/// one load per byte of the Host value.
+static REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b';'
+                    | b'='
+                    | b'%'
+            );
+        b += 1;
+    }
+    t
+};
 
 /// Transfer-Encoding, when present, is exactly one `chunked`. pingora frames the body by the last
 /// coding (400 unless it is chunked) but forwards `chunked` alone, so any other coding would reach
@@ -1420,6 +1447,14 @@ mod tests {
             "a#b",
         ] {
             assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_host_byte_table_is_rfc_3986_reg_name() {
+        for b in 0..=255u8 {
+            let expected = b.is_ascii_alphanumeric() || b"-._~!$&'()*+;=%".contains(&b);
+            assert_eq!(REG_NAME[usize::from(b)], expected, "byte {b:#04x}");
         }
     }
 
