@@ -710,7 +710,7 @@ pub async fn lookup_l2(
     let rkey = l2_key(cache.epoch(), key);
     let got = shared
         .store
-        .call("cache_get", |mut c| async move {
+        .call_for_request("cache_get", |mut c| async move {
             redis::cmd("GET")
                 .arg(rkey)
                 .query_async::<Option<Vec<u8>>>(&mut c)
@@ -743,7 +743,7 @@ pub fn store_l2(snapshot: &Snapshot, epoch: u64, key: &str, entry: &Arc<Entry>) 
     let rkey = l2_key(epoch, key);
     tokio::spawn(async move {
         let r = store
-            .call("cache_set", |mut c| async move {
+            .call_for_request("cache_set", |mut c| async move {
                 redis::cmd("SET")
                     .arg(rkey)
                     .arg(bytes)

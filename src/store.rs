@@ -37,7 +37,13 @@ pub struct StoreSpec {
 pub struct Store {
     pub spec: StoreSpec,
     pub client: redis::Client,
+    /// Background chores (heartbeat, batched sync, admin, purges).
     conn: ConnectionManager,
+    /// Calls made while a request waits (rate-limit scripts, key lookups, cache reads). Its own
+    /// connection, opened lazily by the first such call, so its driver task runs on the proxy's
+    /// worker threads: a call costs no wake-up of another thread (one per call, and a context
+    /// switch each way, when the chores' connection on the control runtime carried them).
+    request_conn: ConnectionManager,
     permits: Semaphore,
     up: AtomicBool,
 }
@@ -52,13 +58,16 @@ impl Store {
             .set_response_timeout(Some(spec.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
+        let request_conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
         Ok(Self {
             permits: Semaphore::new(spec.max_pending),
             spec,
             client,
             conn,
+            request_conn,
             up: AtomicBool::new(true),
         })
     }
@@ -67,8 +76,30 @@ impl Store {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Run one Redis operation with the timeout and the in-flight cap.
+    /// Run one Redis operation with the timeout and the in-flight cap (background work).
     pub async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.call_on(&self.conn, op, f).await
+    }
+
+    /// The same, for a call a request is waiting for: over the request-path connection.
+    pub async fn call_for_request<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.call_on(&self.request_conn, op, f).await
+    }
+
+    async fn call_on<T, F, Fut>(
+        &self,
+        conn: &ConnectionManager,
+        op: &'static str,
+        f: F,
+    ) -> Result<T, StoreError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -78,7 +109,7 @@ impl Store {
             return Err(StoreError::Busy);
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(self.spec.timeout, f(self.conn.clone())).await;
+        let result = tokio::time::timeout(self.spec.timeout, f(conn.clone())).await;
         metrics::REDIS_SECONDS
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());

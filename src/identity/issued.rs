@@ -97,7 +97,7 @@ impl IssuedKeys {
         let redis_key = record_key(hash);
         let fetched = self
             .store
-            .call("key_lookup", |mut c| async move {
+            .call_for_request("key_lookup", |mut c| async move {
                 c.get::<_, Option<String>>(redis_key).await
             })
             .await;

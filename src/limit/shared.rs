@@ -87,7 +87,7 @@ pub async fn exact(
     match algo {
         algo::Algo::SlidingWindow { limit, window_ms } => {
             let (k, curr, prev, elapsed): (u64, u64, u64, u64) = store
-                .call("ratelimit", |mut c| async move {
+                .call_for_request("ratelimit", |mut c| async move {
                     SLIDING
                         .key(key)
                         .arg(limit)
@@ -119,7 +119,7 @@ pub async fn exact(
             let interval = (window_ms / limit.max(1)).max(1);
             let tolerance = interval * burst.max(1);
             let (k, tat, now): (u64, u64, u64) = store
-                .call("ratelimit", |mut c| async move {
+                .call_for_request("ratelimit", |mut c| async move {
                     GCRA.key(key)
                         .arg(interval)
                         .arg(tolerance)
