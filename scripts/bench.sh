@@ -88,7 +88,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
 # proxy round rps p50_us p99_us cpu_us_per_req requests socket_errors non_2xx
-#   redis_cpu_us_per_req redis_fallbacks ("-" for the runs without Redis)
+#   redis_cpu_us_per_req redis_fallbacks ("-" for the runs without Redis) steal_percent
 RESULTS="$WORK/results.tsv"
 declare -A PROXY_PID=()     # proxy name -> pid of the process we started (the tree root)
 declare -A PROXY_PORT=()    # proxy name -> listening port
@@ -486,6 +486,10 @@ check_limiter() {
 # Measurement
 # ---------------------------------------------------------------------------------------------
 
+# The machine's CPU ticks from /proc/stat: "total steal". Steal is time the hypervisor gave this
+# VM's CPUs to someone else: a run with much of it measured a slower machine than its neighbours.
+cpu_stat() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9; exit }' /proc/stat; }
+
 # utime+stime in clock ticks, summed over a process and all its descendants.
 cpu_ticks() {
     local pid total=0 stat fields
@@ -536,7 +540,7 @@ run_one() {
     local name=$1 round=$2 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]}
     local url="http://127.0.0.1:$port/" out before after parsed rps p50 p99 requests errors non2xx
     local cpu_us redis_us=- redis_before redis_after calls_before calls_after note=""
-    local fallbacks=- fallbacks_before
+    local fallbacks=- fallbacks_before steal stat_total0 stat_steal0 stat_total1 stat_steal1
     taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
     if uses_redis "$name"; then
         # shellcheck disable=SC2046
@@ -545,8 +549,12 @@ run_one() {
         redis_before=$(cpu_ticks "$REDIS_PID")
     fi
     before=$(cpu_ticks "$pid")
+    read -r stat_total0 stat_steal0 <<<"$(cpu_stat)"
     out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    read -r stat_total1 stat_steal1 <<<"$(cpu_stat)"
     after=$(cpu_ticks "$pid")
+    steal=$(awk -v s=$((stat_steal1 - stat_steal0)) -v t=$((stat_total1 - stat_total0)) \
+        'BEGIN { printf "%.1f", (t > 0 ? 100 * s / t : 0) }')
     if uses_redis "$name"; then
         redis_after=$(cpu_ticks "$REDIS_PID")
         # shellcheck disable=SC2046
@@ -564,10 +572,10 @@ run_one() {
         note=$(printf '  Redis %6s us CPU/req, %s %s calls' "$redis_us" \
             $((calls_after - calls_before)) "$(limiter_commands "$name" | cut -d' ' -f1)")
     fi
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$rps" "$p50" "$p99" \
-        "$cpu_us" "$requests" "$errors" "$non2xx" "$redis_us" "$fallbacks" >>"$RESULTS"
-    log "$(printf 'round %s  %-19s %8.0f req/s  p50 %6s us  p99 %6s us  %6s us CPU/req  errors %s  non-2xx %s%s' \
-        "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$errors" "$non2xx" "$note")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$rps" "$p50" "$p99" \
+        "$cpu_us" "$requests" "$errors" "$non2xx" "$redis_us" "$fallbacks" "$steal" >>"$RESULTS"
+    log "$(printf 'round %s  %-19s %8.0f req/s  p50 %6s us  p99 %6s us  %6s us CPU/req  steal %4s%%  errors %s  non-2xx %s%s' \
+        "$round" "$name" "$rps" "$p50" "$p99" "$cpu_us" "$steal" "$errors" "$non2xx" "$note")"
     ((errors + non2xx == 0)) || log "WARNING: $name had $errors socket errors and $non2xx non-2xx answers in round $round"
     # A limiter that lost Redis falls back to local counting and would pass for a Redis run.
     if [[ $fallbacks != - ]] && ((fallbacks > 0)); then
@@ -603,7 +611,7 @@ run_one_instructions() {
     done
     ((ir > 0)) || die "$name: no callgrind dump"
     per=$(awk -v i="$ir" -v n="$requests" 'BEGIN { printf "%.0f", i / n }')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\n' "$name" "$round" "$rps" "$p50" "$p99" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t-\n' "$name" "$round" "$rps" "$p50" "$p99" \
         "$per" "$requests" "$errors" "$non2xx" >>"$RESULTS"
     log "$(printf 'round %s  %-19s %6s requests  %8s instructions/req  errors %s  non-2xx %s' \
         "$round" "$name" "$requests" "$per" "$errors" "$non2xx")"
@@ -679,8 +687,8 @@ report() {
 - CPU/req = utime+stime of all the proxy's processes over the run / requests completed
 - the ratio columns are medians over rounds of the ratio within each round (see \`paired\` in the script)
 
-| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs NGINX | CPU vs reference | p99 vs reference | socket errors | non-2xx |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs NGINX | CPU vs reference | p99 vs reference | steal % (max) | socket errors | non-2xx |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 EOF
     for name in "${PROXIES[@]}"; do
         rps=$(median "$name" 3)
@@ -691,13 +699,25 @@ EOF
         non2xx=$(total "$name" 9)
         awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v cpu="$cpu" -v e="$errs" \
             -v x="$non2xx" -v vn="$(paired ratio "$name" nginx 6)" \
-            -v vr="$(paired ratio "$name" reference 6)" -v pr="$(paired ratio "$name" reference 5)" '
+            -v vr="$(paired ratio "$name" reference 6)" -v pr="$(paired ratio "$name" reference 5)" \
+            -v st="$(awk -F'\t' -v p="$name" '$1 == p && $12 > m { m = $12 } END { print m + 0 }' "$RESULTS")" '
             function ratio(v) { return v != "" ? sprintf("%.2f×", v) : "n/a" }
             BEGIN {
-                printf "| %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %s | %d | %d |\n",
-                    n, rps, p50 / 1000, p99 / 1000, cpu, ratio(vn), ratio(vr), ratio(pr), e, x
+                printf "| %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %s | %.1f | %d | %d |\n",
+                    n, rps, p50 / 1000, p99 / 1000, cpu, ratio(vn), ratio(vr), ratio(pr), st, e, x
             }'
     done
+
+    local worst
+    worst=$(awk -F'\t' '$12 > m { m = $12 } END { print m + 0 }' "$RESULTS")
+    if awk -v w="$worst" 'BEGIN { exit !(w > 5) }'; then
+        cat <<EOF
+
+**The hypervisor took up to ${worst}% of the machine's CPU time during some runs** (steal): those runs
+measured a slower machine, and CPU/req there is inflated by cache and scheduling effects. Compare
+within a round, or count instructions instead (\`COUNT=instructions\`), which steal does not change.
+EOF
+    fi
 
     [[ " ${PROXIES[*]} " == *" tollgate-rl-"* ]] || return 0
     cat <<EOF
