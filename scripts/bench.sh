@@ -16,7 +16,8 @@
 #   COUNT=cpu (default: CPU time per request from /proc, under wrk's saturating load) or
 #   COUNT=instructions: the pingora-based proxies (reference and the Tollgate runs) run under
 #   valgrind's callgrind, and the table gives instructions executed per request (all threads)
-#   over one wrk run of CONNECTIONS (default 4 in this mode) after the warm-up. Instruction
+#   over one wrk run of CONNECTIONS (default 4 in this mode) after the warm-up, less what the
+#   proxy executes idle over the same time (timer ticks, probes). Instruction
 #   counts do not depend on timing or on what else the machine runs: the same binary and load
 #   give the same figure to within a fraction of a percent, so small hot-path changes show.
 #   PROXIES (space-separated, in table order; default all): nginx haproxy reference tollgate
@@ -588,29 +589,41 @@ run_one() {
     fi
 }
 
+# Dump a callgrind-run proxy's counters and print the instructions since they were last zeroed
+# (callgrind writes one file per dump; this sums what this dump wrote).
+callgrind_dump() {
+    local name=$1 pid=$2 dump ir=0
+    rm -f "$WORK/$name.callgrind".*
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    for dump in "$WORK/$name.callgrind".*; do
+        [[ -e $dump ]] || continue
+        ir=$((ir + $(awk '/^(summary|totals):/ { print $2; exit }' "$dump")))
+    done
+    echo "$ir"
+}
+
 # COUNT=instructions: one run of one proxy under callgrind. Counters are zeroed after the warm-up
 # and dumped after the wrk run, so the dump holds exactly the measured requests' instructions
 # (every thread of the process: workers, runtime, background services).
 run_one_instructions() {
     local name=$1 round=$2 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]}
     local url="http://127.0.0.1:$port/" out parsed rps p50 p99 requests errors non2xx dump ir per
+    local idle_ir
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    # The idle cost over the same time (timer threads, health and clock ticks) is counted first
+    # and taken off: what is left is what the requests cost.
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    sleep "$DURATION"
+    idle_ir=$(callgrind_dump "$name" "$pid")
     callgrind_control -z "$pid" >/dev/null 2>&1
     out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
-    rm -f "$WORK/$name.callgrind".*
-    callgrind_control -d "$pid" >/dev/null 2>&1
+    ir=$(callgrind_dump "$name" "$pid")
     kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name died during the run"; }
     parsed=$(parse_wrk <<<"$out") || { echo "$out" >&2; die "cannot parse wrk output for $name"; }
     read -r rps p50 p99 requests errors non2xx <<<"$parsed"
     ((requests > 0)) || die "$name: wrk completed no requests"
-    # callgrind writes one file per dump: sum what this dump wrote.
-    ir=0
-    for dump in "$WORK/$name.callgrind".*; do
-        [[ -e $dump ]] || continue
-        ir=$((ir + $(awk '/^(summary|totals):/ { print $2; exit }' "$dump")))
-    done
     ((ir > 0)) || die "$name: no callgrind dump"
-    per=$(awk -v i="$ir" -v n="$requests" 'BEGIN { printf "%.0f", i / n }')
+    per=$(awk -v i="$ir" -v z="$idle_ir" -v n="$requests" 'BEGIN { printf "%.0f", (i - z) / n }')
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t-\n' "$name" "$round" "$rps" "$p50" "$p99" \
         "$per" "$requests" "$errors" "$non2xx" >>"$RESULTS"
     log "$(printf 'round %s  %-19s %6s requests  %8s instructions/req  errors %s  non-2xx %s' \
@@ -627,7 +640,7 @@ report_instructions() {
 
 - $(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo ' (dirty)'), pingora 0.9.1, release profile (fat LTO, 1 codegen unit, mimalloc)
 - each proxy under \`valgrind --tool=callgrind\`; counters zeroed after a $WARMUP warm-up, then wrk -t1 -c$CONNECTIONS -d$DURATION; $ROUNDS round(s), medians shown
-- instructions/req = instructions executed by every thread of the proxy over the run / requests completed
+- instructions/req = (instructions executed by every thread of the proxy over the run − the same over as long idle just before) / requests completed
 
 | proxy | requests | instructions/req | vs reference | vs tollgate-plain |
 |---|---:|---:|---:|---:|
