@@ -283,39 +283,30 @@ fn valid_authority(h: &[u8]) -> bool {
     port_ok && host_ok
 }
 
-/// The bytes of a reg-name or IPv4 address (RFC 3986: unreserved, sub-delims, `%`), as a table:
-/// one load per byte of the Host value.
+/// The bytes of a reg-name or IPv4 address besides letters and digits (RFC 3986: the rest of
+/// unreserved, sub-delims, and `%` of pct-encoded).
+const REG_NAME_PUNCT: &[u8] = b"-._~!$&'()*+;=%";
+
+/// Those bytes as a table: one load per byte of the Host value.
 static REG_NAME: [bool; 256] = {
     let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b';'
-                    | b'='
-                    | b'%'
-            );
+        t[b] = (b as u8).is_ascii_alphanumeric();
         b += 1;
+    }
+    let mut i = 0;
+    while i < REG_NAME_PUNCT.len() {
+        t[REG_NAME_PUNCT[i] as usize] = true;
+        i += 1;
     }
     t
 };
 
 /// Transfer-Encoding, when present, is exactly one `chunked`. pingora frames the body by the last
 /// coding (400 unless it is chunked) but forwards `chunked` alone, so any other coding would reach
-/// the backend mislabelled; and chunked must not be applied twice (RFC 9112 §6.1, §7).
+/// the backend mislabelled; and chunked must not be applied twice (RFC 9112 §6.1, §7). Called
+/// only for requests that carry the field (see `admit`).
 fn valid_transfer_encoding(req: &RequestHeader) -> bool {
     let mut codings = req
         .headers
