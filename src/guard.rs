@@ -429,14 +429,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         } else {
             Box::new(HeaderDeadline::new(stream, self.header_timeout))
         };
-        // The connection's requests, one after another, as pingora's own loop would run them
-        // (`handle_event`): looping here wraps the stream once and enters this layer once per
-        // connection, not once per request.
-        let mut next = self.app.process_new(stream, shutdown).await;
-        while let Some(stream) = next {
-            next = self.app.process_new(stream, shutdown).await;
-        }
-        None
+        // pingora's HTTP app serves every request of an HTTP/1 connection before it returns, so
+        // this layer is entered once per connection.
+        self.app.process_new(stream, shutdown).await
     }
 
     async fn cleanup(&self) {
