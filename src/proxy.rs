@@ -331,6 +331,12 @@ fn malformed(session: &Session) -> bool {
         .is_some_and(|g| g.malformed)
 }
 
+/// A client field the backend never sees: an identity header in any spelling (the gateway
+/// asserts identity itself), or a name with an underscore when those are dropped.
+fn stripped_upstream(name: &str, drop_underscores: bool) -> bool {
+    identity::is_identity_header(name) || (drop_underscores && name.contains('_'))
+}
+
 /// Error answers always carry a request id, even when ids are not otherwise sent.
 fn ensure_request_id(session: &Session, ctx: &mut Ctx) {
     if ctx.request_id.is_empty() {
@@ -414,7 +420,8 @@ impl Gateway {
         // One pass over the header fields: sizes, and the fields later checks need.
         let (mut header_bytes, mut longest, mut underscores) = (0usize, 0usize, false);
         let (mut hosts, mut host, mut transfer_encoding) = (0usize, None, false);
-        let (mut content_lengths, mut identity_headers) = (0u8, false);
+        let (mut content_lengths, mut to_strip) = (0u8, false);
+        let drop_underscores = snapshot.server.underscore_headers == UnderscoreHeaders::Drop;
         for (k, v) in req.headers.iter() {
             let name = k.as_str();
             let line = name.len() + v.len() + 2; // `name: value`
@@ -429,7 +436,7 @@ impl Gateway {
             } else if *k == header::CONTENT_LENGTH {
                 content_lengths = content_lengths.saturating_add(1);
             } else {
-                identity_headers |= identity::is_identity_header(name);
+                to_strip |= stripped_upstream(name, drop_underscores);
             }
         }
         // Syntax pingora would repair or that a backend could read differently: refuse it.
@@ -444,8 +451,7 @@ impl Gateway {
         }
         ctx.head = HeadFacts {
             content_lengths,
-            to_strip: identity_headers
-                || (underscores && snapshot.server.underscore_headers == UnderscoreHeaders::Drop),
+            to_strip,
         };
         if header_bytes > snapshot.server.max_header_bytes
             || longest > snapshot.server.max_header_line_bytes
@@ -758,10 +764,7 @@ impl Gateway {
             let unwanted: Vec<HeaderName> = upstream_request
                 .headers
                 .keys()
-                .filter(|k| {
-                    identity::is_identity_header(k.as_str())
-                        || (drop_underscores && k.as_str().contains('_'))
-                })
+                .filter(|k| stripped_upstream(k.as_str(), drop_underscores))
                 .cloned()
                 .collect();
             for name in unwanted {
