@@ -696,9 +696,20 @@ impl Gateway {
     }
 
     /// `request_body_filter`'s work, synchronous: the boxed future pingora allocates stays minimal.
-    fn request_body_filter_now(&self, body: &mut Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
+    fn request_body_filter_now(
+        &self,
+        upgraded: bool,
+        body: &mut Option<Bytes>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
         if body.is_none() && ctx.body_started.is_none() {
             // No body at all (pingora still calls once): nothing to time or count.
+            return Ok(());
+        }
+        if upgraded {
+            // After `101 Switching Protocols` the "body" is another protocol's stream (a
+            // WebSocket, say) that may live for hours: no total deadline and no size limit,
+            // only the per-read idle timeout.
             return Ok(());
         }
         let started = *ctx.body_started.get_or_insert_with(Instant::now);
@@ -1125,12 +1136,12 @@ impl ProxyHttp for Gateway {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.request_body_filter_now(body, ctx)
+        self.request_body_filter_now(session.was_upgraded(), body, ctx)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

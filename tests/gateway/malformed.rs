@@ -1106,6 +1106,58 @@ async fn an_upgraded_connection_outlives_the_header_deadline() {
     }
 }
 
+/// An upgraded connection is not a request body: it outlives `body_timeout` (2 s here) in total
+/// as long as no single pause reaches it, and its bytes count against no body size limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_outlives_the_body_deadline() {
+    let up = RecordingUpstream::start().await;
+    let gw = Gateway::start_with(
+        &gateway_body(&up).replace("upstream: u }", "upstream: u, max_body: 8 }"),
+        "  header_timeout: 1s\n  body_timeout: 2s\n  access_log: \"off\"\n",
+    )
+    .await;
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a 101 in time")
+            .expect("read");
+        assert!(n > 0, "closed before 101");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // Seven frames 500 ms apart: 3 s in all, past the 2 s body deadline, and 35 bytes, past
+    // the route's 8-byte body limit.
+    let started = std::time::Instant::now();
+    for _ in 0..7 {
+        let frame = b"\x81\x03abc";
+        s.write_all(frame).await.expect("write");
+        let mut echoed = Vec::new();
+        while echoed.len() < frame.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+                .await
+                .expect("an echo in time")
+                .expect("read");
+            assert!(n > 0, "the upgraded connection was closed");
+            echoed.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(&echoed[..], &frame[..]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(2));
+}
+
 /// The limits' defaults: one header line up to 8 KiB (`server.max_header_line_bytes`), and the
 /// setting is range-checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
