@@ -53,6 +53,8 @@ pub struct Control {
     pub limiter: Arc<Limiter>,
     /// The response cache (outlives snapshots; its capacity follows the config).
     pub cache: Arc<crate::cache::ResponseCache>,
+    /// What the connection front end reads per request (follows every published snapshot).
+    pub front: Arc<crate::guard::FrontSettings>,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
     redis: Mutex<Option<RedisHandle>>,
@@ -65,10 +67,14 @@ pub struct Control {
 impl Control {
     pub fn new(path: PathBuf, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> Arc<Self> {
         let (requests, inbox) = mpsc::channel(16);
+        let unprobed = Snapshot::unprobed(config.clone());
+        let front = Arc::new(crate::guard::FrontSettings::default());
+        front.follow(&unprobed);
         Arc::new(Self {
             pid_file: config.server.pid_file.clone(),
             path,
-            current: Arc::new(ArcSwap::from_pointee(Snapshot::unprobed(config.clone()))),
+            current: Arc::new(ArcSwap::from_pointee(unprobed)),
+            front,
             book: HealthBook::default(),
             started_at: SystemTime::now(),
             early_hup,
@@ -168,6 +174,7 @@ impl Control {
                 std::sync::atomic::Ordering::Relaxed,
             );
             self.cache.set_capacity(snapshot.cache.max_bytes);
+            self.front.follow(&snapshot);
             self.current.store(Arc::new(snapshot));
             log::info!("config generation 1 loaded from {}", self.path.display());
         }
@@ -215,6 +222,7 @@ impl Control {
                 let shared = self.shared_for(config.redis.as_ref());
                 let snapshot = Snapshot::build(config, generation, &self.book, shared).await;
                 self.cache.set_capacity(snapshot.cache.max_bytes);
+                self.front.follow(&snapshot);
                 self.current.store(Arc::new(snapshot));
                 // Probes follow the published snapshot: removed backends stop being checked.
                 self.current.load().commit_health(&self.book);

@@ -1,27 +1,38 @@
-//! Slow-client defence for request headers. Pingora's read timeout applies to each read, so a
-//! client sending one byte per second never trips it. This wraps every accepted connection in a
-//! stream that puts a deadline on the whole header section of each HTTP/1 request: from accept
-//! (first request) or from the first byte after a response (keep-alive requests) to the blank
-//! line ending the headers. Past it, reads fail and pingora closes the connection; other
-//! connections are untouched. HTTP/2 (prior knowledge) connections are passed through as they
-//! are. Body and idle timeouts are set per request in `proxy`.
+//! Slow-client defence and syntax check for HTTP/1 request heads, done before pingora sees a
+//! request. Pingora's read timeout applies to each read, so a client sending one byte per second
+//! never trips it. `Front` is the listening service's app: it reads each request head off the
+//! connection itself — under a deadline on the whole head, from accept (first request) or from
+//! the first byte (kept-alive requests) to the blank line — scans it (`HeadScanner`), and hands
+//! the bytes to pingora as the session's first buffer, so pingora parses them without another
+//! read. Past the deadline the client gets a 408 and the connection is closed; an idle
+//! kept-alive connection is closed after the keep-alive timeout. The connection itself is not
+//! wrapped: once the head is read, the request runs on the bare stream. HTTP/2 (prior
+//! knowledge) connections go to pingora as they are. Body and idle timeouts are set per request
+//! in `proxy`.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora_core::apps::ServerApp;
+use bytes::BytesMut;
+use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType,
 };
 use pingora_core::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::GatewayError;
+use crate::snapshot::Snapshot;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -177,145 +188,331 @@ pub fn scan_request_head(bytes: &[u8]) -> HeadVerdict {
     }
 }
 
-enum Phase {
-    /// Reading a header section.
-    Header(HeadScanner),
-    /// Headers done; the next read after a write starts a new header section.
-    Rest { responded: bool },
-    /// HTTP/2, or an HTTP/1 connection switched to another protocol (101): not our business.
-    Passthrough,
+/// Pingora refuses a request head longer than this (`MAX_HEADER_SIZE` in pingora-core).
+const PINGORA_MAX_HEAD: usize = 1_048_575;
+/// What pingora allocates for a request head; the buffer grows by this much when full.
+const HEAD_BUF: usize = 4096;
+
+/// How long to wait for the first bytes of a request head.
+#[derive(Debug, Clone, Copy)]
+pub enum Wait {
+    /// The connection's first request: the head deadline already runs (from accept).
+    Until(Instant),
+    /// A kept-alive connection: up to this long for the next request to start (`None`: no
+    /// limit); the head deadline starts when it does.
+    Idle(Option<Duration>),
 }
 
-pub struct HeaderDeadline {
-    inner: Stream,
-    timeout: Duration,
-    phase: Phase,
-    /// Allocated once per connection; reset for each header section.
-    timer: Pin<Box<Sleep>>,
-    armed: bool,
-    first: bool,
-    /// The current request broke the message syntax in a way pingora would repair or read
-    /// differently from a backend (control bytes in the target, bare CR, NUL, obs-fold).
-    pub malformed: bool,
+/// What reading a request head gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The whole head is in the buffer (with whatever followed it in the same reads).
+    /// `malformed`: it broke the syntax rules of [`HeadScanner`].
+    Ready { malformed: bool },
+    /// The client closed, or sent nothing before the wait ended.
+    Gone,
+    /// The head started but did not end within the deadline.
+    TooSlow,
+    /// The head grew past `limit` bytes without ending.
+    TooLarge,
 }
 
-impl HeaderDeadline {
-    fn new(inner: Stream, timeout: Duration) -> Self {
+/// Read one request head from `s` into `buf`, under `wait` for its first bytes and
+/// `header_timeout` for the rest. Stops at the read that completes the head, or once `limit`
+/// bytes came without its end. Bytes already in `buf` are the head's first (read by the h2c
+/// check under the same `Wait::Until` deadline).
+pub async fn read_head<S: AsyncRead + Unpin + ?Sized>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    wait: Wait,
+    header_timeout: Duration,
+    limit: usize,
+) -> Head {
+    let mut deadline = match wait {
+        Wait::Until(d) => Some(d),
+        Wait::Idle(_) => None,
+    };
+    let mut read = match wait {
+        _ if !buf.is_empty() => Ok(buf.len()),
+        Wait::Until(d) => match tokio::time::timeout_at(d, s.read_buf(buf)).await {
+            Ok(r) => r,
+            Err(_) => return Head::Gone,
+        },
+        // Lazy timer, as pingora's own keep-alive wait: none unless the read is pending.
+        Wait::Idle(Some(d)) => match pingora_timeout::timeout(d, s.read_buf(buf)).await {
+            Ok(r) => r,
+            Err(_) => return Head::Gone,
+        },
+        Wait::Idle(None) => s.read_buf(buf).await,
+    };
+    let mut scan = HeadScanner::default();
+    let mut seen = 0;
+    loop {
+        match read {
+            Ok(0) | Err(_) => return Head::Gone,
+            Ok(_) => {}
+        }
+        if scan.feed(&buf[seen..]).is_some() {
+            return Head::Ready {
+                malformed: scan.malformed(),
+            };
+        }
+        if buf.len() > limit {
+            return Head::TooLarge;
+        }
+        seen = buf.len();
+        // A head in pieces: from now on it has `header_timeout` to complete.
+        let d = *deadline.get_or_insert_with(|| Instant::now() + header_timeout);
+        if buf.capacity() - buf.len() < HEAD_BUF / 4 {
+            buf.reserve(HEAD_BUF);
+        }
+        read = match tokio::time::timeout_at(d, s.read_buf(buf)).await {
+            Ok(r) => r,
+            Err(_) => return Head::TooSlow,
+        };
+    }
+}
+
+/// Is `bytes` (the first bytes of a connection) the HTTP/2 preface: `Some(true)` yes,
+/// `Some(false)` no, `None` too short to tell.
+fn h2_preface(bytes: &[u8]) -> Option<bool> {
+    let n = bytes.len().min(H2_PREFACE.len());
+    if bytes[..n] != H2_PREFACE[..n] {
+        Some(false)
+    } else if n == H2_PREFACE.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// The settings `Front` reads for every request, kept current by each published snapshot
+/// (plain atomics: cheaper than loading the snapshot per request).
+#[derive(Debug, Default)]
+pub struct FrontSettings {
+    /// Downstream keep-alive idle timeout, seconds (0: none).
+    keepalive_secs: AtomicU64,
+    /// The largest request head worth reading: the configured header and URI limits, with
+    /// room for the request line's method and version (the precise limits apply later).
+    head_limit: AtomicUsize,
+}
+
+impl FrontSettings {
+    /// Take the values of a snapshot about to be published.
+    pub fn follow(&self, s: &Snapshot) {
+        self.keepalive_secs
+            .store(s.keepalive_secs, Ordering::Relaxed);
+        let limit = s.server.max_header_bytes + s.server.max_uri_bytes + 1024;
+        self.head_limit
+            .store(limit.min(PINGORA_MAX_HEAD), Ordering::Relaxed);
+    }
+}
+
+/// The listening service's app: reads each HTTP/1 request head (see the module docs), then
+/// lets pingora's HTTP app serve the request from those bytes.
+pub struct Front<A> {
+    pub app: Arc<A>,
+    pub header_timeout: Duration,
+    settings: Arc<FrontSettings>,
+    stopping: AtomicBool,
+    stop: Notify,
+}
+
+impl<A> Front<A> {
+    pub fn new(app: Arc<A>, header_timeout: Duration, settings: Arc<FrontSettings>) -> Self {
         Self {
-            inner,
-            timeout,
-            phase: Phase::Header(HeadScanner::default()),
-            timer: Box::pin(tokio::time::sleep(timeout)),
-            armed: true,
-            first: true,
-            malformed: false,
+            app,
+            header_timeout,
+            settings,
+            stopping: AtomicBool::new(false),
+            stop: Notify::new(),
         }
     }
 
-    /// Feed newly read bytes to the phase machine.
-    fn observe(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
+    /// Resolves once the service is shutting down (kept-alive connections waiting for their
+    /// next request are closed then, as pingora does).
+    async fn stopped(&self) {
+        // Created before the flag is read: `notify_waiters` wakes it even if not yet polled.
+        let notified = self.stop.notified();
+        if self.stopping.load(Ordering::Acquire) {
             return;
         }
-        if self.first {
-            self.first = false;
-            if bytes.starts_with(&H2_PREFACE[..bytes.len().min(H2_PREFACE.len())])
-                && bytes.len() >= 3
-            {
-                self.phase = Phase::Passthrough;
-                self.armed = false;
-                return;
-            }
-        }
-        if let Phase::Rest { responded: true } = self.phase {
-            // A new request on a kept-alive connection. Its deadline is armed only if its header
-            // section does not arrive in this read (see below): whole headers in one read — the
-            // common case — cost no timer at all.
-            self.phase = Phase::Header(HeadScanner::default());
-            self.malformed = false;
-        }
-        if let Phase::Header(scan) = &mut self.phase {
-            let ended = scan.feed(bytes).is_some();
-            self.malformed |= scan.malformed();
-            if ended {
-                self.phase = Phase::Rest { responded: false };
-                self.armed = false;
-                return;
-            }
-            if !self.armed {
-                // A partial header section: from now on it has `timeout` to complete.
-                self.timer.as_mut().reset(Instant::now() + self.timeout);
-                self.armed = true;
-            }
-        }
-    }
-
-    /// Note bytes written to the client. The first write of a final response ends the request
-    /// (the next read starts a new header section). An interim response does not: after
-    /// `100 Continue` (or `103 Early Hints`) the client goes on sending the request body, which
-    /// must be neither scanned as a header section nor put under the header deadline; after
-    /// `101 Switching Protocols` the connection carries another protocol.
-    fn wrote(&mut self, data: &[u8]) {
-        if let Phase::Rest { responded } = &mut self.phase {
-            if *responded || data.is_empty() {
-                return;
-            }
-            match interim_status(data) {
-                Some(101) => self.phase = Phase::Passthrough,
-                Some(_) => {}
-                None => *responded = true,
-            }
-        }
+        notified.await;
     }
 }
 
-/// The status of an interim (1xx) HTTP/1 response head starting `data`, if it is one.
-fn interim_status(data: &[u8]) -> Option<u16> {
-    let rest = data
-        .strip_prefix(b"HTTP/1.1 ")
-        .or_else(|| data.strip_prefix(b"HTTP/1.0 "))?;
-    match rest {
-        [b'1', d1 @ b'0'..=b'9', d2 @ b'0'..=b'9', ..] => {
-            Some(100 + u16::from(d1 - b'0') * 10 + u16::from(d2 - b'0'))
+/// Answer a refused head and close: `408` (too slow) or `431` (too large), JSON as every error.
+async fn refuse(stream: &mut Stream, err: GatewayError) {
+    let id = crate::observe::request_id(None);
+    let body = err.body(&id);
+    let reason = match err {
+        GatewayError::RequestTimeout => "Request Timeout",
+        _ => "Request Header Fields Too Large",
+    };
+    let head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n",
+        err.status(),
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.flush().await
+    };
+    // A client that does not read gets a second, no more.
+    if tokio::time::timeout(Duration::from_secs(1), write)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Lingering close (as NGINX does): half-close, then read and drop what the client still
+    // sends for a moment, so that closing with unread bytes does not reset the connection
+    // before the client has read the answer.
+    Shutdown::shutdown(&mut **stream).await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 256 * 1024usize;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
         }
-        _ => None,
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let accepted = Instant::now();
+        let options = self.app.server_options();
+        let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
+        let mut buf = BytesMut::with_capacity(HEAD_BUF);
+        let mut wait = Wait::Until(accepted + self.header_timeout);
+        if h2c {
+            // Read until the first bytes tell HTTP/2's preface from an HTTP/1 request line
+            // (unlike pingora's peek, a short HTTP/1 request does not wait for 24 bytes).
+            let deadline = accepted + self.header_timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return None,
+                }
+                match h2_preface(&buf) {
+                    Some(true) => {
+                        // Put the bytes back and let pingora serve the HTTP/2 connection.
+                        let mut l4 = match stream
+                            .into_any()
+                            .downcast::<pingora_core::protocols::l4::stream::Stream>(
+                        ) {
+                            Ok(l4) => l4,
+                            Err(_) => {
+                                log::warn!("HTTP/2 preface on a stream that cannot rewind");
+                                return None;
+                            }
+                        };
+                        l4.rewind(&buf);
+                        return ServerApp::process_new(&self.app, l4, shutdown).await;
+                    }
+                    Some(false) => break,
+                    None => {}
+                }
+            }
+        }
+        let keepalive_requests = options.and_then(|o| o.keepalive_request_limit);
+        let mut settings = None;
+        loop {
+            let read = read_head(
+                &mut stream,
+                &mut buf,
+                wait,
+                self.header_timeout,
+                self.settings.head_limit.load(Ordering::Relaxed),
+            );
+            let head = tokio::select! {
+                biased;
+                head = read => head,
+                _ = self.stopped() => Head::Gone,
+            };
+            let malformed = match head {
+                Head::Ready { malformed } => malformed,
+                Head::Gone => return None,
+                Head::TooSlow => {
+                    refuse(&mut stream, GatewayError::RequestTimeout).await;
+                    return None;
+                }
+                Head::TooLarge => {
+                    refuse(&mut stream, GatewayError::HeadersTooLarge).await;
+                    return None;
+                }
+            };
+            if malformed {
+                // Admission refuses it (400) and closes the connection.
+                stream = Box::new(Flagged { inner: stream });
+            }
+            let mut session = ServerSession::new_http1(stream);
+            if let ServerSession::H1(h1) = &mut session {
+                // Pingora parses these bytes first and reads no more for the head.
+                h1.set_pipelined_prefix(std::mem::take(&mut buf));
+            }
+            match settings.take() {
+                Some(s) => {
+                    pingora_core::apps::HttpPersistentSettings::apply_to_session(s, &mut session)
+                }
+                None => {
+                    session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+                    session.set_keepalive_reuses_remaining(keepalive_requests);
+                }
+            }
+            let reused = self.app.process_new_http(session, shutdown).await?;
+            let (next, next_settings) = reused.consume();
+            if malformed || next.as_any().is::<Flagged>() {
+                return None;
+            }
+            stream = next;
+            settings = next_settings;
+            let keepalive = self.settings.keepalive_secs.load(Ordering::Relaxed);
+            wait = Wait::Idle((keepalive > 0).then(|| Duration::from_secs(keepalive)));
+            buf = BytesMut::with_capacity(HEAD_BUF);
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+        ServerApp::cleanup(&*self.app).await
     }
 }
 
-impl AsyncRead for HeaderDeadline {
+/// The stream of a connection whose request head was flagged malformed: admission tells by the
+/// type (`proxy::malformed`), refuses the request and closes the connection.
+pub struct Flagged {
+    inner: Stream,
+}
+
+impl AsyncRead for Flagged {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        use std::future::Future;
-        let this = self.get_mut();
-        if this.armed && this.timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request header timeout",
-            )));
-        }
-        let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if !matches!(this.phase, Phase::Passthrough) {
-            if let Poll::Ready(Ok(())) = res {
-                this.observe(&buf.filled()[before..]);
-            }
-        }
-        res
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for HeaderDeadline {
+impl AsyncWrite for Flagged {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.wrote(data);
-        Pin::new(&mut this.inner).poll_write(cx, data)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -331,11 +528,7 @@ impl AsyncWrite for HeaderDeadline {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            this.wrote(first);
-        }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -343,48 +536,42 @@ impl AsyncWrite for HeaderDeadline {
     }
 }
 
-impl fmt::Debug for HeaderDeadline {
+impl fmt::Debug for Flagged {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HeaderDeadline")
+        f.debug_struct("Flagged")
             .field("inner", &self.inner)
             .finish()
     }
 }
 
 #[async_trait]
-impl Shutdown for HeaderDeadline {
+impl Shutdown for Flagged {
     async fn shutdown(&mut self) {
-        self.inner.shutdown().await
+        Shutdown::shutdown(&mut *self.inner).await
     }
 }
 
-impl UniqueID for HeaderDeadline {
+impl UniqueID for Flagged {
     fn id(&self) -> UniqueIDType {
         self.inner.id()
     }
 }
 
-impl Ssl for HeaderDeadline {}
+impl Ssl for Flagged {}
 
-impl GetTimingDigest for HeaderDeadline {
+impl GetTimingDigest for Flagged {
     fn get_timing_digest(&self) -> Vec<Option<pingora_core::protocols::TimingDigest>> {
         self.inner.get_timing_digest()
     }
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
 }
 
-impl GetProxyDigest for HeaderDeadline {
+impl GetProxyDigest for Flagged {
     fn get_proxy_digest(&self) -> Option<Arc<pingora_core::protocols::raw_connect::ProxyDigest>> {
         self.inner.get_proxy_digest()
     }
 }
 
-impl GetSocketDigest for HeaderDeadline {
+impl GetSocketDigest for Flagged {
     fn get_socket_digest(&self) -> Option<Arc<pingora_core::protocols::SocketDigest>> {
         self.inner.get_socket_digest()
     }
@@ -394,48 +581,9 @@ impl GetSocketDigest for HeaderDeadline {
 }
 
 #[async_trait]
-impl Peek for HeaderDeadline {
-    /// Pingora peeks for the HTTP/2 preface before reading; the deadline covers that wait too.
+impl Peek for Flagged {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        if !self.armed {
-            return self.inner.try_peek(buf).await;
-        }
-        let deadline = self.timer.deadline();
-        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "request header timeout",
-            )),
-        }
-    }
-}
-
-/// The proxy app, with every connection wrapped in a `HeaderDeadline`.
-pub struct Guarded<A> {
-    pub app: Arc<A>,
-    pub header_timeout: Duration,
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let stream: Stream = if stream.as_any().is::<HeaderDeadline>() {
-            stream
-        } else {
-            Box::new(HeaderDeadline::new(stream, self.header_timeout))
-        };
-        // pingora's HTTP app serves every request of an HTTP/1 connection before it returns, so
-        // this layer is entered once per connection.
-        self.app.process_new(stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.app.cleanup().await
+        self.inner.try_peek(buf).await
     }
 }
 
@@ -491,17 +639,60 @@ mod tests {
         }
     }
 
+    /// Read a head from a pipe the test writes `parts` into, pausing `gap` between them.
+    async fn head_of(parts: &[&[u8]], gap: Duration, wait: Wait, limit: usize) -> (Head, Vec<u8>) {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let parts: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for p in parts {
+                if client.write_all(&p).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(gap).await;
+            }
+            // Hold the pipe open a while: the reader decides, not the end of input.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let mut buf = BytesMut::new();
+        let head = read_head(
+            &mut server,
+            &mut buf,
+            wait,
+            Duration::from_millis(300),
+            limit,
+        )
+        .await;
+        writer.abort();
+        (head, buf.to_vec())
+    }
+
+    fn soon() -> Wait {
+        Wait::Until(Instant::now() + Duration::from_secs(2))
+    }
+
     #[tokio::test]
-    async fn header_end_detection_across_reads() {
-        let (a, _b) = tokio::io::duplex(64);
-        let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
-        g.observe(b"GET / HTTP/1.1\r\nHost: x\r");
-        assert!(matches!(g.phase, Phase::Header { .. }));
-        g.observe(b"\n\r");
-        g.observe(b"\n");
-        assert!(matches!(g.phase, Phase::Rest { responded: false }));
-        assert!(!g.armed);
-        assert!(!g.malformed);
+    async fn a_head_in_one_read_or_in_pieces_is_read_whole() {
+        let raw = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody";
+        let (head, bytes) = head_of(&[raw], Duration::ZERO, soon(), 1 << 16).await;
+        assert_eq!(head, Head::Ready { malformed: false });
+        assert_eq!(bytes, raw, "the body bytes stay in the buffer for pingora");
+        // Split inside the CRLF CRLF that ends it.
+        let (head, bytes) = head_of(
+            &[b"GET / HTTP/1.1\r\nHost: x\r", b"\n\r", b"\n"],
+            Duration::from_millis(20),
+            soon(),
+            1 << 16,
+        )
+        .await;
+        assert_eq!(head, Head::Ready { malformed: false });
+        assert_eq!(bytes, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        // Bytes already in the buffer (the h2c check read them) count as the head's first.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"st: x\r\n\r\n").await.expect("write");
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHo"[..]);
+        let head = read_head(&mut server, &mut buf, soon(), Duration::from_secs(1), 4096).await;
+        assert_eq!(head, Head::Ready { malformed: false });
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     }
 
     #[tokio::test]
@@ -514,17 +705,84 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: x\rY: 1\r\n\r\n",
             b"GET / HTTP/1.1\r\nX: a\x00b\r\nHost: x\r\n\r\n",
         ] {
-            let (a, _b) = tokio::io::duplex(64);
-            let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
-            g.observe(raw);
-            assert!(g.malformed, "{:?}", String::from_utf8_lossy(raw));
+            let (head, _) = head_of(&[raw], Duration::ZERO, soon(), 1 << 16).await;
+            assert_eq!(
+                head,
+                Head::Ready { malformed: true },
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
-        // Bare LF line endings are tolerated (and end the section).
-        let (a, _b) = tokio::io::duplex(64);
-        let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
-        g.observe(b"GET / HTTP/1.1\nHost: x\n\n");
-        assert!(!g.malformed);
-        assert!(matches!(g.phase, Phase::Rest { .. }));
+        // Bare LF line endings are tolerated (and end the head).
+        let (head, _) = head_of(
+            &[b"GET / HTTP/1.1\nHost: x\n\n"],
+            Duration::ZERO,
+            soon(),
+            4096,
+        )
+        .await;
+        assert_eq!(head, Head::Ready { malformed: false });
+    }
+
+    #[tokio::test]
+    async fn a_trickling_head_is_cut_at_the_deadline_not_per_read() {
+        // One byte every 50 ms never trips a per-read timeout; the 300 ms head deadline does.
+        let raw = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaa\r\n\r\n";
+        let bytes: Vec<&[u8]> = raw.chunks(1).collect();
+        let started = std::time::Instant::now();
+        let (head, _) = head_of(&bytes, Duration::from_millis(50), Wait::Idle(None), 1 << 16).await;
+        assert_eq!(head, Head::TooSlow);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_and_closed_connections_are_gone_and_big_heads_too_large() {
+        // Nothing within the keep-alive wait.
+        let (head, _) = head_of(
+            &[],
+            Duration::ZERO,
+            Wait::Idle(Some(Duration::from_millis(100))),
+            4096,
+        )
+        .await;
+        assert_eq!(head, Head::Gone);
+        // Nothing within the first request's deadline.
+        let wait = Wait::Until(Instant::now() + Duration::from_millis(100));
+        let (head, _) = head_of(&[], Duration::ZERO, wait, 4096).await;
+        assert_eq!(head, Head::Gone);
+        // The client closes mid-head.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client
+            .write_all(b"GET / HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        drop(client);
+        let mut buf = BytesMut::new();
+        let head = read_head(&mut server, &mut buf, soon(), Duration::from_secs(1), 4096).await;
+        assert_eq!(head, Head::Gone);
+        // Past the limit without an end.
+        let big = [b'a'; 300];
+        let parts: Vec<&[u8]> = vec![b"GET / HTTP/1.1\r\nX: ", &big, &big, &big, &big];
+        let (head, bytes) = head_of(&parts, Duration::from_millis(5), soon(), 1000).await;
+        assert_eq!(head, Head::TooLarge);
+        assert!(bytes.len() > 1000 && bytes.len() < 1400, "{}", bytes.len());
+    }
+
+    #[test]
+    fn the_h2_preface_is_told_from_http1_as_early_as_possible() {
+        assert_eq!(h2_preface(b"GET / HTTP/1.0\r\n\r\n"), Some(false));
+        assert_eq!(h2_preface(b"G"), Some(false));
+        assert_eq!(h2_preface(b"PRI * HTTP/2"), None);
+        assert_eq!(h2_preface(H2_PREFACE), Some(true));
+        assert_eq!(
+            h2_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"),
+            Some(true)
+        );
+        assert_eq!(h2_preface(b"PRI /x HTTP/1.1\r\n"), Some(false));
     }
 
     #[test]
@@ -559,95 +817,4 @@ mod tests {
         raw.extend_from_slice(b"/ HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(scan_request_head(&raw).malformed);
     }
-
-    #[tokio::test]
-    async fn interim_responses_do_not_end_the_request() {
-        let (a, _b) = tokio::io::duplex(64);
-        let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
-        g.observe(
-            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n",
-        );
-        g.wrote(b"HTTP/1.1 100 Continue\r\n\r\n");
-        // The body (with spaces and a bare CR) is not a header section: no flag, no deadline.
-        g.observe(b"a b c\rd e");
-        assert!(matches!(g.phase, Phase::Rest { responded: false }));
-        assert!(!g.armed && !g.malformed);
-        g.wrote(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-        g.observe(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert!(matches!(g.phase, Phase::Rest { responded: false }));
-        assert!(!g.malformed);
-        // 101: the connection now carries another protocol.
-        g.wrote(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n");
-        g.observe(b"\x81\x05hello with no blank line");
-        assert!(matches!(g.phase, Phase::Passthrough));
-        assert!(!g.armed && !g.malformed);
-        assert_eq!(interim_status(b"HTTP/1.1 103 Early Hints\r\n"), Some(103));
-        assert_eq!(interim_status(b"HTTP/1.1 200 OK\r\n"), None);
-        assert_eq!(interim_status(b"HTTP/1.1 1"), None);
-    }
-
-    #[tokio::test]
-    async fn h2_prior_knowledge_is_left_alone() {
-        let (a, _b) = tokio::io::duplex(64);
-        let mut g = HeaderDeadline::new(Box::new(Dummy(a)), Duration::from_secs(5));
-        g.observe(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert!(matches!(g.phase, Phase::Passthrough));
-        assert!(!g.armed);
-    }
-
-    /// A duplex pipe dressed as a pingora stream.
-    #[derive(Debug)]
-    struct Dummy(tokio::io::DuplexStream);
-    impl AsyncRead for Dummy {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-        }
-    }
-    impl AsyncWrite for Dummy {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            d: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.get_mut().0).poll_write(cx, d)
-        }
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().0).poll_flush(cx)
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-        }
-    }
-    #[async_trait]
-    impl Shutdown for Dummy {
-        async fn shutdown(&mut self) {}
-    }
-    impl UniqueID for Dummy {
-        fn id(&self) -> UniqueIDType {
-            0
-        }
-    }
-    impl Ssl for Dummy {}
-    impl GetTimingDigest for Dummy {
-        fn get_timing_digest(&self) -> Vec<Option<pingora_core::protocols::TimingDigest>> {
-            Vec::new()
-        }
-    }
-    impl GetProxyDigest for Dummy {
-        fn get_proxy_digest(
-            &self,
-        ) -> Option<Arc<pingora_core::protocols::raw_connect::ProxyDigest>> {
-            None
-        }
-    }
-    impl GetSocketDigest for Dummy {
-        fn get_socket_digest(&self) -> Option<Arc<pingora_core::protocols::SocketDigest>> {
-            None
-        }
-    }
-    impl Peek for Dummy {}
 }

@@ -23,7 +23,7 @@ use pingora_core::services::listening::Service;
 use tollgate::admin::Admin;
 use tollgate::config::{self, GatewayConfig};
 use tollgate::control::{Control, ControlService};
-use tollgate::guard::Guarded;
+use tollgate::guard::Front;
 use tollgate::proxy::Gateway;
 
 #[global_allocator]
@@ -182,13 +182,15 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         options.h2c = true;
         app.server_options = Some(options);
     }
-    // Every connection gets a deadline on its request header section (slow-header defence).
+    // Request heads are read (under a deadline: slow-header defence) and checked before
+    // pingora parses them.
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
-        Guarded {
-            app: Arc::new(app),
-            header_timeout: config.server.header_timeout,
-        },
+        Front::new(
+            Arc::new(app),
+            config.server.header_timeout,
+            control.front.clone(),
+        ),
     );
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());

@@ -161,13 +161,17 @@ pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool, hide_ser
     // field; nearly every response has one of them alone).
     let (mut server, mut named, mut other) = (false, false, false);
     for (name, value) in resp.headers.iter() {
-        if *name == header::SERVER {
-            server = true;
-        } else if *name == header::CONNECTION {
-            let v = value.as_bytes();
-            named |= !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"));
-        } else if HOP_BY_HOP[1..].contains(name) {
-            other = true;
+        // By length first: most fields (Date, Content-Type, Content-Length...) are told apart
+        // from all of these without comparing a name.
+        match name.as_str().len() {
+            6 if *name == header::SERVER => server = true,
+            10 if *name == header::CONNECTION => {
+                let v = value.as_bytes();
+                named |=
+                    !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"));
+            }
+            2 | 7 | 10 | 16 if HOP_BY_HOP[1..].contains(name) => other = true,
+            _ => {}
         }
     }
     // The upstream's software never reaches the client (unless configured to).
@@ -322,13 +326,12 @@ fn valid_transfer_encoding(req: &RequestHeader) -> bool {
     }
 }
 
-/// The connection's guard flagged this request's syntax (see `guard::HeadScanner`): pingora
+/// The connection's front flagged this request's syntax (see `guard::HeadScanner`): pingora
 /// would repair it or a backend could read it differently. Refused, and the connection closed.
 fn malformed(session: &Session) -> bool {
     session
         .stream()
-        .and_then(|s| s.as_any().downcast_ref::<crate::guard::HeaderDeadline>())
-        .is_some_and(|g| g.malformed)
+        .is_some_and(|s| s.as_any().is::<crate::guard::Flagged>())
 }
 
 /// A client field the backend never sees: an identity header in any spelling (the gateway
@@ -1477,5 +1480,14 @@ mod tests {
             assert!(resp.headers.get(gone).is_none(), "{gone} kept");
         }
         assert!(resp.headers.get("x-kept").is_some());
+        // Each of the other hop-by-hop fields, alone, is found and removed.
+        for name in ["Proxy-Connection", "TE", "Trailer", "Keep-Alive"] {
+            let mut resp = ResponseHeader::build(200, None).expect("resp");
+            resp.insert_header(name, "x").expect("h");
+            resp.insert_header("Date", "now").expect("h");
+            clean_response(&mut resp, false, true);
+            assert!(resp.headers.get(name).is_none(), "{name} kept");
+            assert!(resp.headers.get("date").is_some());
+        }
     }
 }
