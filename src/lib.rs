@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod breaker;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod error;

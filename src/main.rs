@@ -210,5 +210,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         let admin_handle = server.add_service(admin);
         admin_handle.add_dependency(&control_handle);
     }
+    // The request path's clock calibrates here, not on the first request.
+    tollgate::clock::init();
     server.run_forever()
 }

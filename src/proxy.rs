@@ -18,7 +18,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::{self, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -103,12 +105,15 @@ struct HeadFacts {
     /// A field to remove before going upstream: an identity header in any spelling, or a name
     /// with an underscore.
     to_strip: bool,
+    /// A `Host` field (HTTP/1 requests always have exactly one once admitted).
+    host: bool,
 }
 
 impl HeadFacts {
     const UNKNOWN: Self = Self {
         content_lengths: u8::MAX,
         to_strip: true,
+        host: false,
     };
 }
 
@@ -161,17 +166,17 @@ pub(crate) fn clean_response(resp: &mut ResponseHeader, upgraded: bool, hide_ser
     // field; nearly every response has one of them alone).
     let (mut server, mut named, mut other) = (false, false, false);
     for (name, value) in resp.headers.iter() {
-        // By length first: most fields (Date, Content-Type, Content-Length...) are told apart
-        // from all of these without comparing a name.
-        match name.as_str().len() {
-            6 if *name == header::SERVER => server = true,
-            10 if *name == header::CONNECTION => {
-                let v = value.as_bytes();
-                named |=
-                    !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"));
-            }
-            2 | 7 | 10 | 16 if HOP_BY_HOP[1..].contains(name) => other = true,
-            _ => {}
+        if *name == header::SERVER {
+            server = true;
+        } else if *name == header::CONNECTION {
+            let v = value.as_bytes();
+            // The usual spellings first: a plain comparison, not a case-folding one.
+            named |= !(v == b"keep-alive"
+                || v == b"close"
+                || v.eq_ignore_ascii_case(b"keep-alive")
+                || v.eq_ignore_ascii_case(b"close"));
+        } else if HOP_BY_HOP[1..].contains(name) {
+            other = true;
         }
     }
     // The upstream's software never reaches the client (unless configured to).
@@ -392,7 +397,7 @@ impl Gateway {
         if ctx.tries >= u.spec.attempts.min(MAX_ATTEMPTS) || !u.has_untried(ctx.tried()) {
             return false;
         }
-        if u.budget.try_retry(&u.spec.budget, breaker::now_ms()) {
+        if u.budget.try_retry(&u.spec.budget, clock::ms(clock::now())) {
             true
         } else {
             metrics::RETRIES_DENIED
@@ -430,7 +435,8 @@ impl Gateway {
             let line = name.len() + v.len() + 2; // `name: value`
             header_bytes += line + 2;
             longest = longest.max(line);
-            underscores |= name.contains('_');
+            // A byte loop: names are short, shorter than memchr's set-up.
+            underscores |= name.bytes().any(|b| b == b'_');
             if *k == header::HOST {
                 hosts += 1;
                 host.get_or_insert(v);
@@ -455,6 +461,7 @@ impl Gateway {
         ctx.head = HeadFacts {
             content_lengths,
             to_strip,
+            host: hosts > 0,
         };
         if header_bytes > snapshot.server.max_header_bytes
             || longest > snapshot.server.max_header_line_bytes
@@ -715,7 +722,7 @@ impl Gateway {
             // only the per-read idle timeout.
             return Ok(());
         }
-        let started = *ctx.body_started.get_or_insert_with(Instant::now);
+        let started = *ctx.body_started.get_or_insert_with(clock::now);
         if started.elapsed() > ctx.snapshot.server.body_timeout {
             // A trickling body: the whole body must arrive within body_timeout.
             ctx.error = Some(GatewayError::RequestTimeout);
@@ -810,7 +817,8 @@ impl Gateway {
 
         // HTTP/2 and absolute-form requests carry the authority in the URI: keep it as Host and
         // send origin-form to the (HTTP/1.1) backend.
-        let no_host = !upstream_request.headers.contains_key(header::HOST);
+        // Looked up only when admission did not see one (HTTP/2, or admission did not run).
+        let no_host = !ctx.head.host && !upstream_request.headers.contains_key(header::HOST);
         let host = if no_host || snapshot.server.forwarded_headers {
             HeaderValue::from_bytes(request_host(upstream_request).as_bytes()).ok()
         } else {
@@ -1059,7 +1067,7 @@ impl ProxyHttp for Gateway {
             route: None,
             tried: [0; MAX_ATTEMPTS],
             tries: 0,
-            started: Instant::now(),
+            started: clock::now(),
             error: None,
             identity: None,
             limit: limit::Outcome::Unlimited,
@@ -1198,10 +1206,10 @@ impl ProxyHttp for Gateway {
                 return Error::e_explain(ErrorType::ConnectError, "every backend was tried");
             }
         };
+        // One clock read for the budget's window, the attempt's start and its time left.
+        let mut now = clock::now();
         if ctx.tries == 0 {
-            upstream
-                .budget
-                .record_request(&spec.budget, breaker::now_ms());
+            upstream.budget.record_request(&spec.budget, clock::ms(now));
         } else {
             metrics::RETRIES.with_label_values(&[&spec.name]).inc();
             // Exponential backoff with full jitter before a retry.
@@ -1212,11 +1220,11 @@ impl ProxyHttp for Gateway {
             let wait = cap.mul_f64(rand::random::<f64>());
             if !wait.is_zero() {
                 Box::pin(tokio::time::sleep(wait)).await;
+                now = clock::now();
             }
         }
         ctx.tried[ctx.tries] = index as u16;
         ctx.tries += 1;
-        let now = Instant::now();
         ctx.upstream_started = Some(now);
         ctx.current = Some(Attempt {
             backend: index,
