@@ -747,9 +747,11 @@ impl Gateway {
         let status = upstream_response.status.as_u16();
         ctx.upstream_took = ctx.upstream_started.map(|t| t.elapsed());
         self.record(ctx, breaker::Outcome::Status(status));
-        let retry_this = ctx
-            .upstream()
-            .is_some_and(|u| u.spec.retry_on.contains(&status))
+        // Only 5xx statuses can be configured for retries (validated).
+        let retry_this = status >= 500
+            && ctx
+                .upstream()
+                .is_some_and(|u| u.spec.retry_on.contains(&status))
             && replayable(session)
             && self.may_retry(ctx);
         let stale = status >= 500
@@ -854,8 +856,10 @@ impl Gateway {
         }
 
         let route = ctx.route.map(|i| &snapshot.routes[i]);
-        let path = upstream_request.uri.path();
-        let new_path = route.and_then(|r| r.rewrite_path(path));
+        let new_path = match route {
+            Some(r) if r.rewrites() => r.rewrite_path(upstream_request.uri.path()),
+            _ => None,
+        };
         // pingora keeps an absolute-form target verbatim (its URI holds only the path): send
         // origin-form, as for HTTP/2, with the authority in Host (already checked to agree).
         let raw = upstream_request.raw_path();
@@ -994,8 +998,7 @@ impl Gateway {
         let snapshot = &ctx.snapshot;
         let total = ctx.started.elapsed();
         let upstream = ctx.upstream_took.map(|d| d.as_secs_f64());
-        let method = session.req_header().method.clone();
-        let mi = method_index(&method);
+        let mi = method_index(&session.req_header().method);
         let rm = ctx.route.unwrap_or(snapshot.routes.len());
         if let Some(m) = snapshot.route_metrics.get(rm) {
             m.observe(mi, status, total.as_secs_f64(), upstream);
@@ -1028,7 +1031,7 @@ impl Gateway {
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip().to_string())
                 .unwrap_or_default(),
-            method: method.as_str().to_string(),
+            method: req.method.as_str().to_string(),
             path: req.uri.path().chars().take(2048).collect(),
             route: ctx
                 .route

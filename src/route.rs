@@ -132,6 +132,11 @@ impl Route {
             && self.path.matches(path)
     }
 
+    /// The route changes the path sent upstream (strip_prefix or a rewrite).
+    pub fn rewrites(&self) -> bool {
+        !matches!(self.rewrite, Rewrite::None)
+    }
+
     /// The path to send upstream, or `None` when it is unchanged.
     pub fn rewrite_path<'a>(&self, path: &'a str) -> Option<Cow<'a, str>> {
         match &self.rewrite {
