@@ -377,10 +377,14 @@ impl<A> Front<A> {
 async fn refuse(stream: &mut Stream, err: GatewayError) {
     let id = crate::observe::request_id(None);
     let body = err.body(&id);
-    let reason = match err {
-        GatewayError::RequestTimeout => "Request Timeout",
-        _ => "Request Header Fields Too Large",
+    let (reason, label) = match err {
+        GatewayError::RequestTimeout => ("Request Timeout", "timeout"),
+        _ => ("Request Header Fields Too Large", "too_large"),
     };
+    crate::metrics::REFUSED_HEADS
+        .with_label_values(&[label])
+        .inc();
+    log::info!("refused a request head: {} ({id})", err.code());
     let head = format!(
         "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {id}\r\nconnection: close\r\n\r\n",
         err.status(),

@@ -192,6 +192,15 @@ pub static SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("static metric definition")
 });
 
+pub static REFUSED_HEADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_refused_heads_total",
+        "HTTP/1 request heads refused before parsing: `timeout` (408, slower than header_timeout) or `too_large` (431, no end within the size limit)",
+        &["reason"]
+    )
+    .expect("static metric definition")
+});
+
 pub static IN_FLIGHT: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("tollgate_in_flight_requests", "Requests being processed")
         .expect("static metric definition")

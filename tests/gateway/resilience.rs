@@ -425,6 +425,11 @@ async fn size_limits_answer_413_414_431() {
         answer.starts_with("HTTP/1.1 431") && answer.contains("\"headers_too_large\""),
         "{answer}"
     );
+    assert_eq!(
+        gw.metric("tollgate_refused_heads_total{reason=\"too_large\"}")
+            .await,
+        Some(1.0)
+    );
     assert_eq!(up.hits(), before, "a refused request reached the upstream");
 }
 
@@ -511,6 +516,12 @@ async fn slow_clients_are_cut_off_without_slowing_others() {
     );
     let (took, closed, answer) = slow_header.await.expect("task");
     assert!(closed, "slow-header connection still open");
+    assert_eq!(
+        gw.metric("tollgate_refused_heads_total{reason=\"timeout\"}")
+            .await,
+        Some(1.0),
+        "the slow head is counted"
+    );
     // The write of a later byte may meet the closed socket first (the answer is lost then).
     assert!(
         answer.is_empty()
