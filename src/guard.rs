@@ -28,7 +28,6 @@ use pingora_core::protocols::{
 };
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
@@ -252,30 +251,27 @@ pub enum Head {
 /// Read one request head from `s` into `buf`, under `wait` for its first bytes and
 /// `header_timeout` for the rest. Stops at the read that completes the head, or once `limit`
 /// bytes came without its end. Bytes already in `buf` are the head's first (read by the h2c
-/// check under the same `Wait::Until` deadline).
+/// check under the same `Wait::Until` deadline). `stopping`: the gateway is shutting down (the
+/// wait for a request's first bytes ends; see [`WAIT_SLICE`]).
 pub async fn read_head<S: AsyncRead + Unpin + ?Sized>(
     s: &mut S,
     buf: &mut BytesMut,
     wait: Wait,
     header_timeout: Duration,
     limit: usize,
+    stopping: &AtomicBool,
 ) -> Head {
     let mut deadline = match wait {
         Wait::Until(d) => Some(d),
         Wait::Idle(_) => None,
     };
-    let mut read = match wait {
-        _ if !buf.is_empty() => Ok(buf.len()),
-        Wait::Until(d) => match tokio::time::timeout_at(d, s.read_buf(buf)).await {
-            Ok(r) => r,
-            Err(_) => return Head::Gone,
-        },
-        // Lazy timer, as pingora's own keep-alive wait: none unless the read is pending.
-        Wait::Idle(Some(d)) => match pingora_timeout::timeout(d, s.read_buf(buf)).await {
-            Ok(r) => r,
-            Err(_) => return Head::Gone,
-        },
-        Wait::Idle(None) => s.read_buf(buf).await,
+    let mut read = if buf.is_empty() {
+        match first_bytes(s, buf, wait, stopping).await {
+            Some(r) => r,
+            None => return Head::Gone,
+        }
+    } else {
+        Ok(buf.len())
     };
     let mut scan = HeadScanner::default();
     let mut seen = 0;
@@ -302,6 +298,43 @@ pub async fn read_head<S: AsyncRead + Unpin + ?Sized>(
             Ok(r) => r,
             Err(_) => return Head::TooSlow,
         };
+    }
+}
+
+/// How long one wait for a request's first bytes lasts at most: between two, the wait checks
+/// whether the gateway is shutting down. So an idle kept-alive connection is closed within this
+/// long of a shutdown or upgrade, and no wait registers for a shutdown notification (which
+/// costs more than the wait's timer).
+const WAIT_SLICE: Duration = Duration::from_secs(1);
+
+/// Wait for the first bytes of a request under `wait`. `None`: nothing came in time, or the
+/// gateway is stopping.
+async fn first_bytes<S: AsyncRead + Unpin + ?Sized>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    wait: Wait,
+    stopping: &AtomicBool,
+) -> Option<io::Result<usize>> {
+    let mut left = match wait {
+        Wait::Until(d) => Some(d.saturating_duration_since(Instant::now())),
+        Wait::Idle(limit) => limit,
+    };
+    loop {
+        let slice = left.map_or(WAIT_SLICE, |l| l.min(WAIT_SLICE));
+        // pingora's coarse timer, registered only if the read is pending (as pingora's own
+        // keep-alive wait does).
+        if let Ok(r) = pingora_timeout::timeout(slice, s.read_buf(buf)).await {
+            return Some(r);
+        }
+        if stopping.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(l) = left.as_mut() {
+            *l = l.saturating_sub(slice);
+            if l.is_zero() {
+                return None;
+            }
+        }
     }
 }
 
@@ -346,8 +379,8 @@ pub struct Front<A> {
     pub app: Arc<A>,
     pub header_timeout: Duration,
     settings: Arc<FrontSettings>,
+    /// Set when the service shuts down: waits for a next request end (see [`WAIT_SLICE`]).
     stopping: AtomicBool,
-    stop: Notify,
 }
 
 impl<A> Front<A> {
@@ -357,19 +390,7 @@ impl<A> Front<A> {
             header_timeout,
             settings,
             stopping: AtomicBool::new(false),
-            stop: Notify::new(),
         }
-    }
-
-    /// Resolves once the service is shutting down (kept-alive connections waiting for their
-    /// next request are closed then, as pingora does).
-    async fn stopped(&self) {
-        // Created before the flag is read: `notify_waiters` wakes it even if not yet polled.
-        let notified = self.stop.notified();
-        if self.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        notified.await;
     }
 }
 
@@ -464,18 +485,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         let keepalive_requests = options.and_then(|o| o.keepalive_request_limit);
         let mut settings = None;
         loop {
-            let read = read_head(
+            let head = read_head(
                 &mut stream,
                 &mut buf,
                 wait,
                 self.header_timeout,
                 self.settings.head_limit.load(Ordering::Relaxed),
-            );
-            let head = tokio::select! {
-                biased;
-                head = read => head,
-                _ = self.stopped() => Head::Gone,
-            };
+                &self.stopping,
+            )
+            .await;
             let malformed = match head {
                 Head::Ready { malformed } => malformed,
                 Head::Gone => return None,
@@ -521,7 +539,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
 
     async fn cleanup(&self) {
         self.stopping.store(true, Ordering::Release);
-        self.stop.notify_waiters();
         ServerApp::cleanup(&*self.app).await
     }
 }
@@ -696,6 +713,7 @@ mod tests {
             wait,
             Duration::from_millis(300),
             limit,
+            &AtomicBool::new(false),
         )
         .await;
         writer.abort();
@@ -726,7 +744,15 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(b"st: x\r\n\r\n").await.expect("write");
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHo"[..]);
-        let head = read_head(&mut server, &mut buf, soon(), Duration::from_secs(1), 4096).await;
+        let head = read_head(
+            &mut server,
+            &mut buf,
+            soon(),
+            Duration::from_secs(1),
+            4096,
+            &AtomicBool::new(false),
+        )
+        .await;
         assert_eq!(head, Head::Ready { malformed: false });
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     }
@@ -798,7 +824,15 @@ mod tests {
             .expect("write");
         drop(client);
         let mut buf = BytesMut::new();
-        let head = read_head(&mut server, &mut buf, soon(), Duration::from_secs(1), 4096).await;
+        let head = read_head(
+            &mut server,
+            &mut buf,
+            soon(),
+            Duration::from_secs(1),
+            4096,
+            &AtomicBool::new(false),
+        )
+        .await;
         assert_eq!(head, Head::Gone);
         // Past the limit without an end.
         let big = [b'a'; 300];
@@ -806,6 +840,36 @@ mod tests {
         let (head, bytes) = head_of(&parts, Duration::from_millis(5), soon(), 1000).await;
         assert_eq!(head, Head::TooLarge);
         assert!(bytes.len() > 1000 && bytes.len() < 1400, "{}", bytes.len());
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_an_idle_wait_within_a_slice() {
+        let (_client, mut server) = tokio::io::duplex(1024);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
+        let started = std::time::Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            read_head(
+                &mut server,
+                &mut buf,
+                Wait::Idle(None),
+                Duration::from_secs(1),
+                4096,
+                &flag,
+            )
+            .await
+        });
+        // An idle connection with no keep-alive limit waits on; a shutdown ends the wait.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!reader.is_finished(), "the idle wait ended on its own");
+        stopping.store(true, Ordering::Release);
+        let head = tokio::time::timeout(WAIT_SLICE * 3, reader)
+            .await
+            .expect("the wait outlived the shutdown by more than a slice")
+            .expect("task");
+        assert_eq!(head, Head::Gone);
+        assert!(started.elapsed() < WAIT_SLICE * 3);
     }
 
     #[test]
