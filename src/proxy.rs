@@ -263,33 +263,39 @@ fn valid_host(req: &RequestHeader, hosts: usize, host: Option<&HeaderValue>) -> 
 /// reg-name / IPv4 address of unreserved, sub-delims and `%`; a port of digits. Checked in
 /// place (no allocation: this runs on every request).
 fn valid_authority(h: &[u8]) -> bool {
-    let (host, port) = if h.first() == Some(&b'[') {
+    if h.first() == Some(&b'[') {
         let Some(close) = h.iter().position(|&b| b == b']') else {
             return false;
         };
         let inside = &h[1..close];
-        if inside.is_empty()
-            || !inside
+        return !inside.is_empty()
+            && inside
                 .iter()
                 .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        {
-            return false;
+            && valid_port(&h[close + 1..]);
+    }
+    // One forward pass: every byte before the last `:` must be a reg-name byte (a `:` is not,
+    // so an earlier one fails), every byte after it a digit.
+    let (mut colon, mut ok) = (None, true);
+    for (i, &b) in h.iter().enumerate() {
+        if b == b':' {
+            ok &= colon.is_none();
+            colon = Some(i);
+        } else if colon.is_none() {
+            ok &= REG_NAME[usize::from(b)];
         }
-        (&h[..=close], &h[close + 1..])
-    } else {
-        match h.iter().rposition(|&b| b == b':') {
-            Some(i) => (&h[..i], &h[i..]),
-            None => (h, &h[h.len()..]),
-        }
-    };
-    let port_ok = match port.split_first() {
+    }
+    let at = colon.unwrap_or(h.len());
+    ok && at > 0 && valid_port(&h[at..])
+}
+
+/// Nothing, or `:` and at most five digits.
+fn valid_port(port: &[u8]) -> bool {
+    match port.split_first() {
         None => true,
         Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
         Some(_) => false,
-    };
-    let host_ok = host.first() == Some(&b'[')
-        || (!host.is_empty() && host.iter().all(|&b| REG_NAME[usize::from(b)]));
-    port_ok && host_ok
+    }
 }
 
 /// The bytes of a reg-name or IPv4 address besides letters and digits (RFC 3986: the rest of
@@ -1466,6 +1472,48 @@ mod tests {
             "a#b",
         ] {
             assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    /// The authority check as first written (two passes): the one-pass version must agree.
+    fn authority_by_definition(h: &[u8]) -> bool {
+        let (host, port) = if h.first() == Some(&b'[') {
+            let Some(close) = h.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let inside = &h[1..close];
+            if inside.is_empty()
+                || !inside
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            {
+                return false;
+            }
+            (&h[..=close], &h[close + 1..])
+        } else {
+            match h.iter().rposition(|&b| b == b':') {
+                Some(i) => (&h[..i], &h[i..]),
+                None => (h, &h[h.len()..]),
+            }
+        };
+        let host_ok = host.first() == Some(&b'[')
+            || (!host.is_empty() && host.iter().all(|&b| REG_NAME[usize::from(b)]));
+        valid_port(port) && host_ok
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_one_pass_authority_check_agrees_with_the_definition(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "a", "Z", "9", ":", "[", "]", "::1", "80", "123456", ".", "-", "@", " ", "%",
+                    "\u{7f}", "é", "/", "_",
+                ]),
+                0..8,
+            )
+        ) {
+            let h = parts.concat();
+            proptest::prop_assert_eq!(valid_authority(h.as_bytes()), authority_by_definition(h.as_bytes()), "{:?}", h);
         }
     }
 

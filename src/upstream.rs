@@ -207,6 +207,16 @@ impl Upstream {
     /// Pick a usable backend not in `tried`, by the upstream's algorithm and `key` (used by
     /// consistent hashing only). Returns its index and whether it is a half-open probe.
     pub fn select(&self, key: &[u8], tried: &[u16]) -> Result<(usize, bool), NoBackend> {
+        if self.backends.len() == 1 && self.spec.breaker.is_none() {
+            // One backend and no breaker (a common shape): nothing to choose or to ask.
+            return if !self.backends[0].is_healthy() {
+                Err(NoBackend::NoneHealthy)
+            } else if tried.contains(&0) {
+                Err(NoBackend::AllTried)
+            } else {
+                Ok((0, false))
+            };
+        }
         let now = if self.spec.breaker.is_some() {
             breaker::now_ms()
         } else {
