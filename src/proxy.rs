@@ -413,23 +413,14 @@ impl Gateway {
         }
     }
 
-    /// Route -> authenticate -> upstream availability. Each step may refuse the request; the
-    /// order matters: a caller without credentials learns nothing about backend health.
-    async fn admit(
+    /// The request head's own checks, before anything else (synchronous: on a route with no
+    /// authentication, limit or shedding, admission is only this).
+    fn check_head(
         &self,
         session: &Session,
         ctx: &mut Ctx,
     ) -> std::result::Result<(), GatewayError> {
         let snapshot = &*ctx.snapshot;
-        if let Some(shed) = &snapshot.global_shed {
-            match Box::pin(shed.admit()).await {
-                Some(permit) => ctx.permits.0 = Some(permit),
-                None => {
-                    metrics::SHED.with_label_values(&["gateway"]).inc();
-                    return Err(GatewayError::Overloaded);
-                }
-            }
-        }
         let req = session.req_header();
         // One pass over the header fields: sizes, and the fields later checks need.
         let (mut header_bytes, mut longest, mut underscores) = (0usize, 0usize, false);
@@ -477,6 +468,42 @@ impl Gateway {
         }
         if underscores && snapshot.server.underscore_headers == UnderscoreHeaders::Reject {
             return Err(GatewayError::BadRequest);
+        }
+        ctx.route.map(|_| ()).ok_or(GatewayError::NoRoute)
+    }
+
+    /// Whether admission has more to do than [`Self::check_head`] for this request.
+    fn admission_pending(ctx: &Ctx) -> bool {
+        let snapshot = &*ctx.snapshot;
+        let Some(i) = ctx.route else {
+            return false;
+        };
+        let route = &snapshot.routes[i];
+        snapshot.global_shed.is_some()
+            || route.auth.mode != identity::Mode::None
+            || !route.auth.roles.is_empty()
+            || route.limit.enabled
+            || route.max_body.is_some()
+            || snapshot.route_shed[i].is_some()
+    }
+
+    /// Shed (gateway) -> authenticate -> rate limit -> declared size -> shed (route), after
+    /// [`Self::check_head`]. Each step may refuse the request; the order matters: a caller
+    /// without credentials learns nothing about limits or backend health.
+    async fn admit(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<(), GatewayError> {
+        let snapshot = &*ctx.snapshot;
+        if let Some(shed) = &snapshot.global_shed {
+            match Box::pin(shed.admit()).await {
+                Some(permit) => ctx.permits.0 = Some(permit),
+                None => {
+                    metrics::SHED.with_label_values(&["gateway"]).inc();
+                    return Err(GatewayError::Overloaded);
+                }
+            }
         }
         let route = ctx
             .route
@@ -1106,11 +1133,20 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let mut verdict = self.admit(session, ctx).await;
+        let mut verdict = self.check_head(session, ctx);
+        if verdict.is_ok() && Self::admission_pending(ctx) {
+            verdict = self.admit(session, ctx).await;
+        }
         if verdict.is_ok() {
-            if let Some((entry, status)) = self.cache_lookup(session, ctx).await {
-                Box::pin(self.serve_cached(session, ctx, &entry, status)).await?;
-                return Ok(true);
+            // Only routes with a cache policy look anything up.
+            if ctx
+                .route
+                .is_some_and(|i| ctx.snapshot.routes[i].cache.is_some())
+            {
+                if let Some((entry, status)) = self.cache_lookup(session, ctx).await {
+                    Box::pin(self.serve_cached(session, ctx, &entry, status)).await?;
+                    return Ok(true);
+                }
             }
             verdict = Self::available(ctx);
         }
