@@ -961,8 +961,10 @@ impl Gateway {
                 upstream_response.insert_header(H_REQUEST_ID, v)?;
             }
         }
-        for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
-            upstream_response.insert_header(name, value)?;
+        if !matches!(ctx.limit, limit::Outcome::Unlimited) {
+            for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
+                upstream_response.insert_header(name, value)?;
+            }
         }
         Ok(())
     }
