@@ -720,6 +720,33 @@ mod tests {
         (head, buf.to_vec())
     }
 
+    /// Read a head into a buffer already holding `first`, from a pipe the client wrote `sent`
+    /// into (and then closed, if `close`).
+    async fn head_after(first: &[u8], sent: &[u8], close: bool) -> (Head, BytesMut) {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(sent).await.expect("write");
+        if close {
+            drop(client);
+        } else {
+            // Kept open past the read: the reader decides, not the end of input.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                drop(client);
+            });
+        }
+        let mut buf = BytesMut::from(first);
+        let head = read_head(
+            &mut server,
+            &mut buf,
+            soon(),
+            Duration::from_secs(1),
+            4096,
+            &AtomicBool::new(false),
+        )
+        .await;
+        (head, buf)
+    }
+
     fn soon() -> Wait {
         Wait::Until(Instant::now() + Duration::from_secs(2))
     }
@@ -741,18 +768,7 @@ mod tests {
         assert_eq!(head, Head::Ready { malformed: false });
         assert_eq!(bytes, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         // Bytes already in the buffer (the h2c check read them) count as the head's first.
-        let (mut client, mut server) = tokio::io::duplex(1024);
-        client.write_all(b"st: x\r\n\r\n").await.expect("write");
-        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHo"[..]);
-        let head = read_head(
-            &mut server,
-            &mut buf,
-            soon(),
-            Duration::from_secs(1),
-            4096,
-            &AtomicBool::new(false),
-        )
-        .await;
+        let (head, buf) = head_after(b"GET / HTTP/1.1\r\nHo", b"st: x\r\n\r\n", false).await;
         assert_eq!(head, Head::Ready { malformed: false });
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     }
@@ -817,22 +833,7 @@ mod tests {
         let (head, _) = head_of(&[], Duration::ZERO, wait, 4096).await;
         assert_eq!(head, Head::Gone);
         // The client closes mid-head.
-        let (mut client, mut server) = tokio::io::duplex(1024);
-        client
-            .write_all(b"GET / HTTP/1.1\r\n")
-            .await
-            .expect("write");
-        drop(client);
-        let mut buf = BytesMut::new();
-        let head = read_head(
-            &mut server,
-            &mut buf,
-            soon(),
-            Duration::from_secs(1),
-            4096,
-            &AtomicBool::new(false),
-        )
-        .await;
+        let (head, _) = head_after(b"", b"GET / HTTP/1.1\r\n", true).await;
         assert_eq!(head, Head::Gone);
         // Past the limit without an end.
         let big = [b'a'; 300];

@@ -433,6 +433,13 @@ impl Gateway {
         format!("http://127.0.0.1:{}{}", self.admin_port, path)
     }
 
+    /// A raw TCP connection to the public listener (for bytes no HTTP client would send).
+    pub async fn connect(&self) -> tokio::net::TcpStream {
+        tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
@@ -573,6 +580,14 @@ pub fn upstream_yaml(name: &str, backends: &[&MockUpstream], extra: &str) -> Str
     }
     s.push_str(extra);
     s
+}
+
+/// A config body with one upstream `u` over `backends` and one catch-all route `r` to it.
+pub fn one_route(backends: &[&MockUpstream]) -> String {
+    format!(
+        "upstreams:\n{}routes:\n  - {{ name: r, upstream: u }}\n",
+        upstream_yaml("u", backends, "")
+    )
 }
 
 /// GET `url` and return (status, body), or None on a transport error.

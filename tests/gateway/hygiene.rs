@@ -125,9 +125,7 @@ async fn h2c_and_http1_share_the_port() {
     assert_eq!(resp.version(), reqwest::Version::HTTP_11);
     // A request shorter than HTTP/2's 24-byte preface is answered at once (400: no Host), not
     // held until the header deadline waiting for more bytes.
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
+    let mut conn = gw.connect().await;
     conn.write_all(b"GET / HTTP/1.0\r\n\r\n")
         .await
         .expect("write");
@@ -147,14 +145,8 @@ async fn h2c_and_http1_share_the_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_or_closed() {
     let a = MockUpstream::start("a").await;
-    let body = format!(
-        "upstreams:\n{}routes:\n  - {{ name: r, upstream: u }}\n",
-        upstream_yaml("u", &[&a], "")
-    );
-    let gw = Gateway::start(&body).await;
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
+    let gw = Gateway::start(&one_route(&[&a])).await;
+    let mut conn = gw.connect().await;
     // Two requests in one write. Pingora serves the first and closes the connection rather
     // than read the second out of the first one's buffer (RFC 9112 §9.3.2 lets a server close;
     // the client retries): what must not happen is a hang, a mixed-up answer or a second
