@@ -61,17 +61,29 @@ impl HeadScanner {
     pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
         let mut i = 0;
         if self.line == 0 && self.len == 0 && !self.cr {
+            // Empty lines before the request line are ignored (RFC 9112 §2.2: a client may send
+            // a CRLF after a request body), as pingora's parser does.
+            loop {
+                if bytes[i..].starts_with(b"\r\n") {
+                    i += 2;
+                } else if bytes[i..].starts_with(b"\n") {
+                    i += 1;
+                } else {
+                    break;
+                }
+            }
             // A whole request line in this read (the common case): one tight pass instead of
             // the byte-at-a-time state machine.
-            if let Some(nl) = memchr::memchr(b'\n', bytes) {
-                let line = &bytes[..nl];
+            if let Some(nl) = memchr::memchr(b'\n', &bytes[i..]) {
+                let line = &bytes[i..i + nl];
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 let (spaces, control) = line_stats(line);
-                // Empty, not exactly two spaces, or a control byte (NUL, a bare CR, tab...).
-                self.bad |= line.is_empty() || spaces != 2 || control;
+                // Not exactly two spaces, or a control byte (NUL, a bare CR, tab...). Never
+                // empty: empty lines were skipped above.
+                self.bad |= spaces != 2 || control;
                 self.spaces = u8::try_from(spaces).unwrap_or(u8::MAX);
                 self.line = 1;
-                i = nl + 1;
+                i += nl + 1;
             }
         }
         while i < bytes.len() {
@@ -131,6 +143,10 @@ impl HeadScanner {
             }
             b'\n' => {
                 self.cr = false;
+                if self.len == 0 && self.line == 0 {
+                    // An empty line before the request line: ignored (see `feed`).
+                    return false;
+                }
                 if self.len == 0 && self.line > 0 {
                     // The blank line: anything after it is body (or a pipelined request
                     // pingora already holds in its buffer).
@@ -791,6 +807,25 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+        // Empty lines before the request line are skipped, as pingora's parser does (RFC 9112
+        // §2.2), but a bare CR there is not an empty line.
+        for raw in [
+            &b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"\n\r\n\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            let verdict = scan_request_head(raw);
+            assert_eq!(
+                verdict,
+                HeadVerdict {
+                    end: Some(raw.len()),
+                    malformed: false
+                }
+            );
+        }
+        assert!(scan_request_head(b"\rGET / HTTP/1.1\r\nHost: x\r\n\r\n").malformed);
+        assert!(scan_request_head(b"\r\n GET / HTTP/1.1\r\nHost: x\r\n\r\n").malformed);
+        // Blank lines alone never end a head: they wait for a request line.
+        assert_eq!(scan_request_head(b"\r\n\r\n\n").end, None);
         // Bare LF line endings are tolerated (and end the head).
         let (head, _) = head_of(
             &[b"GET / HTTP/1.1\nHost: x\n\n"],

@@ -269,3 +269,54 @@ async fn the_backend_server_header_can_be_kept() {
     assert!(resp.headers().get("x-hop").is_none());
     assert!(resp.headers().get("keep-alive").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crlf_after_a_request_body_does_not_spoil_the_next_request() {
+    // RFC 9112 §2.2: some clients send a CRLF after a POST body; a server should ignore empty
+    // lines before a request line.
+    let a = MockUpstream::start("a").await;
+    let gw = Gateway::start(&one_route(&[&a])).await;
+    let mut conn = gw.connect().await;
+    conn.write_all(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .expect("write");
+    assert!(
+        read_answer(&mut conn).await.starts_with("HTTP/1.1 200"),
+        "first"
+    );
+    conn.write_all(b"\r\n").await.expect("write");
+    conn.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let second = read_answer(&mut conn).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(a.hits(), 2);
+}
+
+/// Read until one whole response (head and `Content-Length` body) has arrived, or 5 s.
+async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return text,
+        }
+    }
+}

@@ -116,6 +116,31 @@ fn cases() -> Vec<Case> {
     let at_count = many(MAX_HEADERS);
     let at_count_up = at_count.clone();
     vec![
+        // ---- Empty lines before the request line (RFC 9112 §2.2)
+        case(
+            "leading_crlf",
+            "RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line",
+            "\r\nGET / HTTP/1.1\r\nHost: gw\r\n\r\n",
+            Proxied,
+            false,
+            OK,
+        ),
+        case(
+            "leading_empty_lines",
+            "RFC 9112 §2.2 (several, and bare LF, ignored as pingora's parser does)",
+            "\r\n\n\r\nGET / HTTP/1.1\r\nHost: gw\r\n\r\n",
+            Proxied,
+            false,
+            OK,
+        ),
+        case(
+            "leading_bare_cr",
+            "RFC 9112 §2.2: a bare CR is not an empty line -> 400 (pingora's parser refuses it)",
+            "\rGET / HTTP/1.1\r\nHost: gw\r\n\r\n",
+            Plain(400),
+            true,
+            None,
+        ),
         // ---- Host (RFC 9112 §3.2, RFC 9110 §7.2, §4.2.4)
         case(
             "host_missing_http11",
