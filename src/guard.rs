@@ -62,28 +62,24 @@ impl HeadScanner {
         let mut i = 0;
         if self.line == 0 && self.len == 0 && !self.cr {
             // Empty lines before the request line are ignored (RFC 9112 §2.2: a client may send
-            // a CRLF after a request body), as pingora's parser does.
-            loop {
-                if bytes[i..].starts_with(b"\r\n") {
-                    i += 2;
-                } else if bytes[i..].starts_with(b"\n") {
-                    i += 1;
-                } else {
-                    break;
-                }
-            }
+            // a CRLF after a request body), as pingora's parser does. As in `byte`, a line of
+            // CRs only counts as empty (two or more are a bare CR, flagged).
             // A whole request line in this read (the common case): one tight pass instead of
             // the byte-at-a-time state machine.
-            if let Some(nl) = memchr::memchr(b'\n', &bytes[i..]) {
-                let line = &bytes[i..i + nl];
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
+            while let Some(nl) = memchr::memchr(b'\n', &bytes[i..]) {
+                let raw = &bytes[i..i + nl];
+                i += nl + 1;
+                if raw.iter().all(|&b| b == b'\r') {
+                    self.bad |= raw.len() > 1;
+                    continue;
+                }
+                let line = raw.strip_suffix(b"\r").unwrap_or(raw);
                 let (spaces, control) = line_stats(line);
-                // Not exactly two spaces, or a control byte (NUL, a bare CR, tab...). Never
-                // empty: empty lines were skipped above.
+                // Not exactly two spaces, or a control byte (NUL, a bare CR, tab...).
                 self.bad |= spaces != 2 || control;
                 self.spaces = u8::try_from(spaces).unwrap_or(u8::MAX);
                 self.line = 1;
-                i += nl + 1;
+                break;
             }
         }
         while i < bytes.len() {
@@ -826,6 +822,20 @@ mod tests {
         assert!(scan_request_head(b"\r\n GET / HTTP/1.1\r\nHost: x\r\n\r\n").malformed);
         // Blank lines alone never end a head: they wait for a request line.
         assert_eq!(scan_request_head(b"\r\n\r\n\n").end, None);
+        // Found by the fuzz target: a line of two CRs before the request line is a (flagged)
+        // empty line whether the bytes come at once or split.
+        let raw = b"\n\r\r\n\n\r";
+        assert_eq!(
+            scan_request_head(raw),
+            HeadVerdict {
+                end: None,
+                malformed: true
+            }
+        );
+        let mut split = HeadScanner::default();
+        assert_eq!(split.feed(&raw[..3]), None);
+        assert_eq!(split.feed(&raw[3..]), None);
+        assert!(split.malformed());
         // Bare LF line endings are tolerated (and end the head).
         let (head, _) = head_of(
             &[b"GET / HTTP/1.1\nHost: x\n\n"],
