@@ -70,6 +70,11 @@ fn json_response(status: u16, body: serde_json::Value) -> Response<Vec<u8>> {
 
 impl Admin {
     fn status(&self) -> serde_json::Value {
+        // The last reload is read before the snapshot: a reload publishes its snapshot before
+        // it records its outcome, so the generation shown is never older than the reload shown
+        // (the other order let a reload land in between: a new outcome next to an old
+        // generation).
+        let last_reload = self.control.last_reload();
         let snap = self.control.current.load();
         let uptime = SystemTime::now()
             .duration_since(self.control.started_at)
@@ -80,7 +85,7 @@ impl Admin {
             "uptime_seconds": uptime,
             "config_file": self.control.path.display().to_string(),
             "config_generation": snap.generation,
-            "last_reload": self.control.last_reload(),
+            "last_reload": last_reload,
             "health_probes": self.control.book.probe_count(),
             "in_flight": crate::metrics::IN_FLIGHT.get(),
             "rate_limit": {

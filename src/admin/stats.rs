@@ -81,6 +81,9 @@ fn latency(c: &dyn Collector) -> Value {
 }
 
 pub fn stats(control: &Control) -> Value {
+    // Reloads before the snapshot (see `Admin::status`): the generation is never older than
+    // the last reload listed.
+    let reloads = control.reload_history();
     let snap = control.current.load();
     let now = SystemTime::now();
     let timestamp_ms = now
@@ -165,7 +168,7 @@ pub fn stats(control: &Control) -> Value {
         },
         "redis": snap.shared.as_ref().map(|s| json!({"up": s.store.is_up()})),
         "upstreams": upstreams,
-        "reloads": control.reload_history(),
+        "reloads": reloads,
     })
 }
 
