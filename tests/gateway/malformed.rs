@@ -992,6 +992,17 @@ async fn upstream_connection_is_never_reused_after_a_body_failed_midway() {
         let (_s, r) = one_shot(gw.port, GOOD).await;
         assert_eq!(r.map(|r| r.status), Some(200));
         let pooled = upstream_conn_with(&up, &mark, GOOD).await;
+        // The client can have the whole response before pingora puts the upstream connection
+        // back in the pool; the request's end (its in-flight count released, after the pool)
+        // says it is there.
+        eventually(
+            Duration::from_secs(5),
+            "the good request's upstream connection back in the pool",
+            || async {
+                (gw.backend_field("in_flight").await == [serde_json::json!(0)]).then_some(())
+            },
+        )
+        .await;
         // 10 of 100 body bytes; they reach the upstream (on the pooled connection).
         let mark = up.mark();
         let mut s = TcpStream::connect(("127.0.0.1", gw.port))
@@ -1115,6 +1126,7 @@ async fn an_upgraded_connection_outlives_the_header_deadline() {
         String::from_utf8_lossy(&got)
     );
     // Frames with no blank line in them, spread over more than the header deadline (1 s).
+    let started = Instant::now();
     for frame in [&b"\x81\x05 a\rb\0"[..], b"\x81\x03xyz", b"\x81\x03end"] {
         s.write_all(frame).await.expect("write");
         let mut echoed = Vec::new();
@@ -1123,7 +1135,12 @@ async fn an_upgraded_connection_outlives_the_header_deadline() {
                 .await
                 .expect("an echo in time")
                 .expect("read");
-            assert!(n > 0, "the upgraded connection was closed");
+            assert!(
+                n > 0,
+                "the upgraded connection was closed after {:?}; gateway log:\n{}",
+                started.elapsed(),
+                gw.log()
+            );
             echoed.extend_from_slice(&chunk[..n]);
         }
         assert_eq!(echoed, frame);
