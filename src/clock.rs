@@ -9,25 +9,35 @@ use std::sync::OnceLock;
 
 pub use quanta::Instant;
 
+/// The clock every request-path time comes from (one calibration; quanta's global
+/// `Instant::now` would also look up a per-thread mock clock on every read).
+static CLOCK: OnceLock<quanta::Clock> = OnceLock::new();
+
 /// The origin of [`ms`]: fixed on first use.
 static ORIGIN: OnceLock<Instant> = OnceLock::new();
 
 /// Calibrate the clock now, before serving: quanta does it on first use, which would otherwise
 /// fall on the first request.
 pub fn init() {
-    ORIGIN.get_or_init(Instant::now);
+    ORIGIN.get_or_init(now);
 }
 
 /// The current time.
 #[inline]
 pub fn now() -> Instant {
-    Instant::now()
+    CLOCK.get_or_init(quanta::Clock::new).now()
+}
+
+/// Time since `earlier` (zero if `earlier` is in the future).
+#[inline]
+pub fn since(earlier: Instant) -> std::time::Duration {
+    now().saturating_duration_since(earlier)
 }
 
 /// `at` in milliseconds from a fixed origin (the first use in this process): a monotonic
 /// millisecond count for the retry budget's windows.
 pub fn ms(at: Instant) -> u64 {
-    let origin = *ORIGIN.get_or_init(Instant::now);
+    let origin = *ORIGIN.get_or_init(now);
     u64::try_from(at.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -47,6 +57,7 @@ mod tests {
         }
         let (b, real) = (now(), wall.elapsed());
         let measured = b.duration_since(a);
+        assert!(since(a) >= measured);
         assert!(measured >= Duration::from_millis(19), "{measured:?}");
         assert!(
             measured <= real + Duration::from_millis(5),

@@ -756,7 +756,7 @@ impl Gateway {
             return Ok(());
         }
         let started = *ctx.body_started.get_or_insert_with(clock::now);
-        if started.elapsed() > ctx.snapshot.server.body_timeout {
+        if clock::since(started) > ctx.snapshot.server.body_timeout {
             // A trickling body: the whole body must arrive within body_timeout.
             ctx.error = Some(GatewayError::RequestTimeout);
             return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
@@ -778,7 +778,7 @@ impl Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        ctx.upstream_took = ctx.upstream_started.map(|t| t.elapsed());
+        ctx.upstream_took = ctx.upstream_started.map(clock::since);
         self.record(ctx, breaker::Outcome::Status(status));
         // Only 5xx statuses can be configured for retries (validated).
         let retry_this = status >= 500
@@ -1031,7 +1031,7 @@ impl Gateway {
             .or(ctx.error.map(GatewayError::status))
             .unwrap_or(0);
         let snapshot = &ctx.snapshot;
-        let total = ctx.started.elapsed();
+        let total = clock::since(ctx.started);
         let upstream = ctx.upstream_took.map(|d| d.as_secs_f64());
         let mi = method_index(&session.req_header().method);
         let rm = ctx.route.unwrap_or(snapshot.routes.len());

@@ -36,7 +36,9 @@ pub(super) fn finish(exporter: &Exporter, session: &Session, ctx: &Ctx, status: 
     exporter.record(Finished {
         trace,
         tracestate: req.headers.get(H_TRACESTATE).cloned(),
-        start: end.checked_sub(ctx.started.elapsed()).unwrap_or(end),
+        start: end
+            .checked_sub(crate::clock::since(ctx.started))
+            .unwrap_or(end),
         end,
         method: req.method.clone(),
         version: req.version,
