@@ -1098,15 +1098,9 @@ async fn a_body_after_100_continue_is_not_a_header_section() {
     assert!(wait_closed(&mut s, Duration::from_secs(3)).await.is_ok());
 }
 
-/// After `101 Switching Protocols` the connection carries another protocol: no header
-/// deadline, no syntax check.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgraded_connection_outlives_the_header_deadline() {
-    let up = RecordingUpstream::start().await;
-    let gw = deadline_gateway(&up).await;
-    let mut s = TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
+/// Open a WebSocket upgrade through `gw` and read its `101`.
+async fn upgraded(gw: &Gateway) -> TcpStream {
+    let mut s = gw.connect().await;
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
         .expect("write");
@@ -1125,25 +1119,43 @@ async fn an_upgraded_connection_outlives_the_header_deadline() {
         "{:?}",
         String::from_utf8_lossy(&got)
     );
-    // Frames with no blank line in them, spread over more than the header deadline (1 s).
+    s
+}
+
+/// Send `frame` on an upgraded connection and read the upstream's echo of it (`started`: when
+/// the frames began, for the failure message).
+async fn echo(s: &mut TcpStream, frame: &[u8], gw: &Gateway, started: Instant) {
+    s.write_all(frame).await.expect("write");
+    let mut echoed = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while echoed.len() < frame.len() {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("an echo in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "the upgraded connection was closed after {:?}; gateway log:\n{}",
+            started.elapsed(),
+            gw.log()
+        );
+        echoed.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(echoed, frame);
+}
+
+/// After `101 Switching Protocols` the connection carries another protocol: no header
+/// deadline, no syntax check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_outlives_the_header_deadline() {
+    let up = RecordingUpstream::start().await;
+    let gw = deadline_gateway(&up).await;
+    let mut s = upgraded(&gw).await;
+    // Frames with no blank line in them, spread over more than the header deadline (1 s): the
+    // pauses are the point of the test.
     let started = Instant::now();
     for frame in [&b"\x81\x05 a\rb\0"[..], b"\x81\x03xyz", b"\x81\x03end"] {
-        s.write_all(frame).await.expect("write");
-        let mut echoed = Vec::new();
-        while echoed.len() < frame.len() {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-                .await
-                .expect("an echo in time")
-                .expect("read");
-            assert!(
-                n > 0,
-                "the upgraded connection was closed after {:?}; gateway log:\n{}",
-                started.elapsed(),
-                gw.log()
-            );
-            echoed.extend_from_slice(&chunk[..n]);
-        }
-        assert_eq!(echoed, frame);
+        echo(&mut s, frame, &gw, started).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
 }
@@ -1158,43 +1170,12 @@ async fn an_upgraded_connection_outlives_the_body_deadline() {
         "  header_timeout: 1s\n  body_timeout: 2s\n  access_log: \"off\"\n",
     )
     .await;
-    let mut s = TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        .await
-        .expect("write");
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("a 101 in time")
-            .expect("read");
-        assert!(n > 0, "closed before 101");
-        got.extend_from_slice(&chunk[..n]);
-    }
-    assert!(
-        got.starts_with(b"HTTP/1.1 101"),
-        "{:?}",
-        String::from_utf8_lossy(&got)
-    );
+    let mut s = upgraded(&gw).await;
     // Seven frames 500 ms apart: 3 s in all, past the 2 s body deadline, and 35 bytes, past
     // the route's 8-byte body limit.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     for _ in 0..7 {
-        let frame = b"\x81\x03abc";
-        s.write_all(frame).await.expect("write");
-        let mut echoed = Vec::new();
-        while echoed.len() < frame.len() {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-                .await
-                .expect("an echo in time")
-                .expect("read");
-            assert!(n > 0, "the upgraded connection was closed");
-            echoed.extend_from_slice(&chunk[..n]);
-        }
-        assert_eq!(&echoed[..], &frame[..]);
+        echo(&mut s, b"\x81\x03abc", &gw, started).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(started.elapsed() > Duration::from_secs(2));
