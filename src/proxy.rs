@@ -472,7 +472,10 @@ impl Gateway {
         ctx.route.map(|_| ()).ok_or(GatewayError::NoRoute)
     }
 
-    /// Whether admission has more to do than [`Self::check_head`] for this request.
+    /// Whether admission has more to do than [`Self::check_head`] for this request. This restates
+    /// the guards of the steps in [`Self::admit`] (keep the two in step): skipping the call
+    /// when none applies saves ~150 instructions a request, 0.25% of plain proxying, and that
+    /// target sits at its edge.
     fn admission_pending(ctx: &Ctx) -> bool {
         let snapshot = &*ctx.snapshot;
         let Some(i) = ctx.route else {
