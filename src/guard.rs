@@ -463,11 +463,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         let options = self.app.server_options();
         let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
         let mut buf = BytesMut::with_capacity(HEAD_BUF);
-        let mut wait = Wait::Until(accepted + self.header_timeout);
+        // The first head's deadline runs from accept, the h2c check included.
+        let deadline = accepted + self.header_timeout;
+        let mut wait = Wait::Until(deadline);
         if h2c {
             // Read until the first bytes tell HTTP/2's preface from an HTTP/1 request line
             // (unlike pingora's peek, a short HTTP/1 request does not wait for 24 bytes).
-            let deadline = accepted + self.header_timeout;
             loop {
                 match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
                     Ok(Ok(n)) if n > 0 => {}
