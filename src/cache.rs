@@ -463,11 +463,12 @@ pub fn spawn_revalidation(
     tokio::spawn(async move {
         let name = snapshot.routes[route].name.clone();
         let result = revalidate(&cache, &snapshot, route, &key, &entry).await;
-        cache.end_refresh(&key);
+        // The fresh entry goes in before the key is released: released first, a request in
+        // between would still find the stale entry and start a second refresh.
         let label = match result {
             Ok((Some(fresh), label)) => {
                 store_l2(&snapshot, cache.epoch(), &key, &fresh);
-                cache.insert(key, fresh);
+                cache.insert(key.clone(), fresh);
                 label
             }
             Ok((None, label)) => label,
@@ -476,6 +477,7 @@ pub fn spawn_revalidation(
                 "failed"
             }
         };
+        cache.end_refresh(&key);
         metrics::CACHE_REVALIDATIONS
             .with_label_values(&[&name, label])
             .inc();
