@@ -3,10 +3,12 @@
 //! addresses, pingora error chains) are logged, never sent to the client.
 
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+use crate::fields::{Case, Field};
 use crate::identity::AuthError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,31 +175,30 @@ impl GatewayError {
     }
 }
 
-/// Write `err` as the whole response. `close` drops the downstream connection afterwards (for
-/// answers given before the request body was read).
-pub async fn respond(
-    session: &mut Session,
-    err: GatewayError,
-    request_id: &str,
-    close: bool,
-) -> pingora_error::Result<()> {
-    respond_with(session, err, request_id, close, &[]).await
-}
-
-/// `respond` with extra headers (rate-limit fields on a 429).
+/// Write `err` as the whole response, with `extra` fields (the request id, rate-limit fields)
+/// spelled as `case` says. `close` drops the downstream connection afterwards (for answers
+/// given before the request body was read).
 pub async fn respond_with(
     session: &mut Session,
     err: GatewayError,
     request_id: &str,
     close: bool,
-    extra: &[(&'static str, String)],
+    extra: &[(&'static Field, HeaderValue)],
+    case: Case,
 ) -> pingora_error::Result<()> {
     let body = err.body(request_id);
-    let mut header = ResponseHeader::build(err.status(), Some(4))?;
+    let size = Some(4 + extra.len());
+    let mut header = match case {
+        Case::Canonical => ResponseHeader::build_no_case(err.status(), size)?,
+        Case::Preserve => ResponseHeader::build(err.status(), size)?,
+    };
     header.insert_header("Content-Type", "application/json")?;
     header.insert_header("Content-Length", body.len())?;
-    for (name, value) in extra {
-        header.insert_header(*name, value.as_str())?;
+    for (field, value) in extra {
+        match case {
+            Case::Canonical => header.insert_header(&field.name, value)?,
+            Case::Preserve => header.insert_header(field.spelled, value)?,
+        }
     }
     if let Some(secs) = err.retry_after() {
         header.insert_header("Retry-After", secs)?;

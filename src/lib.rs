@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod fields;
 pub mod guard;
 pub mod health;
 pub mod identity;

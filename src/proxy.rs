@@ -39,6 +39,7 @@ use crate::breaker;
 use crate::cache::{self, ResponseCache};
 use crate::config::schema::UnderscoreHeaders;
 use crate::error::{self, GatewayError};
+use crate::fields::{self, Field};
 use crate::identity::{self, Identity};
 use crate::limit::{self, Limiter};
 use crate::metrics;
@@ -126,6 +127,46 @@ impl Ctx {
         let r = &self.snapshot.routes[self.route?];
         self.snapshot.upstreams.get(r.upstream)
     }
+}
+
+/// The route's rate-limit fields for this request's decision, handed to `add` (none when no
+/// limit applied).
+fn limit_fields(ctx: &Ctx, add: impl FnMut(&'static Field, HeaderValue, usize)) {
+    if let Some(route) = ctx.route.map(|i| &ctx.snapshot.routes[i]) {
+        limit::headers(&ctx.limit, &route.limit, &ctx.snapshot.identity.tiers, add);
+    }
+}
+
+/// Add X-Request-Id (unless turned off) and the rate-limit fields to a response going to the
+/// client, spelled as `server.preserve_header_case` says.
+fn add_fields(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+    let limited = !matches!(ctx.limit, limit::Outcome::Unlimited);
+    let mut add = fields::Adder::new(resp, ctx.snapshot.server.header_case);
+    if ctx.snapshot.server.request_id_header {
+        if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+            add.insert(&fields::REQUEST_ID, v, if limited { 7 } else { 1 });
+        }
+    }
+    if limited {
+        limit_fields(ctx, |f, v, left| add.insert(f, v, left));
+    }
+    add.finish()
+}
+
+/// The fields of an error answer: the rate-limit fields of an admitted request (Retry-After
+/// comes from the error itself) and, always, the request id.
+fn error_fields(session: &Session, ctx: &mut Ctx) -> Vec<(&'static Field, HeaderValue)> {
+    let mut extra = Vec::with_capacity(7);
+    limit_fields(ctx, |f, v, _| {
+        if !std::ptr::eq(f, &fields::RETRY_AFTER) {
+            extra.push((f, v));
+        }
+    });
+    ensure_request_id(session, ctx);
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        extra.push((&fields::REQUEST_ID, v));
+    }
+    extra
 }
 
 const H_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -676,14 +717,7 @@ impl Gateway {
             c.status = status;
         }
         let mut h = cache::response_for(entry, status, breaker::now_ms())?;
-        if ctx.snapshot.server.request_id_header {
-            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-                h.insert_header(H_REQUEST_ID, v)?;
-            }
-        }
-        for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
-            h.insert_header(name, value)?;
-        }
+        add_fields(&mut h, ctx)?;
         let head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), false).await?;
         let body = (!head && !entry.body.is_empty()).then(|| entry.body.clone());
@@ -959,17 +993,7 @@ impl Gateway {
         if ctx.cache.is_some() {
             self.cache_capture(session, upstream_response, ctx)?;
         }
-        if ctx.snapshot.server.request_id_header {
-            if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-                upstream_response.insert_header(H_REQUEST_ID, v)?;
-            }
-        }
-        if !matches!(ctx.limit, limit::Outcome::Unlimited) {
-            for (name, value) in limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers) {
-                upstream_response.insert_header(name, value)?;
-            }
-        }
-        Ok(())
+        add_fields(upstream_response, ctx)
     }
 
     /// On a cached route, going upstream: keep a copy of a storable response as it passes.
@@ -1171,15 +1195,7 @@ impl ProxyHttp for Gateway {
                 // always when the framing is in doubt.
                 ctx.error = Some(err);
                 let close = !session.is_body_empty() || malformed(session);
-                // Retry-After comes from the error itself.
-                let mut extra: Vec<(&'static str, String)> =
-                    limit::headers(&ctx.limit, &ctx.snapshot.identity.tiers)
-                        .into_iter()
-                        .filter(|(name, _)| *name != "Retry-After")
-                        .map(|(name, v)| (name, v.to_str().unwrap_or_default().to_string()))
-                        .collect();
-                ensure_request_id(session, ctx);
-                extra.push(("X-Request-Id", ctx.request_id.clone()));
+                let extra = error_fields(session, ctx);
                 // Boxed, like every rare path here: the future of the common path stays small
                 // (pingora boxes it for every request).
                 Box::pin(error::respond_with(
@@ -1188,6 +1204,7 @@ impl ProxyHttp for Gateway {
                     &ctx.request_id,
                     close,
                     &extra,
+                    ctx.snapshot.server.header_case,
                 ))
                 .await?;
                 Ok(true)
@@ -1457,9 +1474,10 @@ impl ProxyHttp for Gateway {
             }
         }
         if session.response_written().is_none() {
-            ensure_request_id(session, ctx);
-            let extra = [("X-Request-Id", ctx.request_id.clone())];
-            if let Err(we) = error::respond_with(session, err, &ctx.request_id, true, &extra).await
+            let extra = error_fields(session, ctx);
+            let case = ctx.snapshot.server.header_case;
+            if let Err(we) =
+                error::respond_with(session, err, &ctx.request_id, true, &extra, case).await
             {
                 log::debug!("could not send error response: {we}");
             }

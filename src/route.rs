@@ -209,7 +209,7 @@ mod tests {
                 key: crate::limit::KeyKind::Consumer,
                 scope: Arc::from("t"),
                 per_tier: Arc::from([]),
-                counters: Arc::from([]),
+                per_tier_cache: Arc::from([]),
             },
             timeouts: None,
             shed: None,

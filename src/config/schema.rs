@@ -92,6 +92,12 @@ pub struct ServerSection {
     /// Remove the backend's `Server` header from responses (NGINX does the same).
     #[serde(default = "yes")]
     pub hide_backend_server: bool,
+    /// Keep the backend's spelling of response field names on HTTP/1 (and spell Tollgate's own
+    /// as documented) where Tollgate adds fields; off: a dozen common names capitalised
+    /// (Content-Type, Date, ...), others lowercase, and ~1.3k fewer instructions per added
+    /// field (see `fields`).
+    #[serde(default)]
+    pub preserve_header_case: bool,
     /// Continue or start W3C trace context (traceparent) on upstream requests.
     #[serde(default = "yes")]
     pub trace_context: bool,

@@ -15,7 +15,7 @@ use super::schema::{self, BalanceSection, FileConfig};
 use super::Problem;
 use crate::breaker::{BreakerSpec, BudgetSpec};
 use crate::identity::{self, jwt, keys, Consumer, IdentityConfig, Mode, Policy, BUILTIN_TIERS};
-use crate::limit::{self, Algo, KeyKind, RoutePolicy, TierCounters};
+use crate::limit::{self, Algo, KeyKind, PerTier, RoutePolicy};
 use crate::route::{Compression, HostMatch, PathMatch, Rewrite, Route};
 use crate::shed::ShedSpec;
 use crate::store::StoreSpec;
@@ -66,6 +66,8 @@ pub struct ServerSettings {
     pub forwarded_headers: bool,
     pub request_id_header: bool,
     pub hide_backend_server: bool,
+    /// How the names of fields Tollgate adds to responses are written.
+    pub header_case: crate::fields::Case,
     pub trace_context: bool,
     pub max_headers: usize,
     /// Longest single header field, `name: value` without the line end.
@@ -301,6 +303,11 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         forwarded_headers: s.forwarded_headers,
         request_id_header: s.request_id_header,
         hide_backend_server: s.hide_backend_server,
+        header_case: if s.preserve_header_case {
+            crate::fields::Case::Preserve
+        } else {
+            crate::fields::Case::Canonical
+        },
         trace_context: s.trace_context,
         access_log: match s.access_log.as_str() {
             "off" => crate::observe::LogTarget::Off,
@@ -695,7 +702,7 @@ fn compile_route_limit(
         key: KeyKind::Consumer,
         scope: Arc::from("t"),
         per_tier: Arc::from(tier_algos),
-        counters: TierCounters::per_tier(tier_algos.len()),
+        per_tier_cache: PerTier::for_tiers(tier_algos.len()),
     };
     let Some(rl) = &r.rate_limit else {
         return tiers_wide;
@@ -750,7 +757,7 @@ fn compile_route_limit(
         enabled: rl.enabled && per_tier.iter().any(Option::is_some),
         key,
         scope,
-        counters: TierCounters::per_tier(per_tier.len()),
+        per_tier_cache: PerTier::for_tiers(per_tier.len()),
         per_tier: Arc::from(per_tier),
     }
 }
@@ -1098,7 +1105,7 @@ fn compile_route(
             key: KeyKind::Consumer,
             scope: Arc::from("t"),
             per_tier: Arc::from([]),
-            counters: Arc::from([]),
+            per_tier_cache: Arc::from([]),
         },
         auth,
         hosts,

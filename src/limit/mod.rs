@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 
 pub use algo::{Algo, Decision};
 
+use crate::fields::{self, Field};
 use crate::identity::{Identity, TierId};
 use crate::metrics;
 use crate::store::Store;
@@ -70,20 +71,58 @@ pub struct RoutePolicy {
     pub scope: Arc<str>,
     /// Per tier index: the limit, or `None` for unlimited.
     pub per_tier: Arc<[Option<Algo>]>,
-    /// Per tier index: its decision counters, resolved on first use.
-    pub counters: Arc<[TierCounters]>,
+    /// Per tier index: its decision counters and fixed response fields, made on first use.
+    pub per_tier_cache: Arc<[PerTier]>,
 }
 
-/// One tier's `tollgate_ratelimit_decisions_total` children (allowed, limited, unavailable),
-/// looked up once instead of by label on every request.
+/// What a route policy keeps per tier, made on first use: its
+/// `tollgate_ratelimit_decisions_total` children (allowed, limited, unavailable), looked up once
+/// instead of by label on every request, and the response fields that only depend on the policy.
 #[derive(Debug, Default)]
-pub struct TierCounters([std::sync::OnceLock<prometheus::IntCounter>; 3]);
+pub struct PerTier {
+    counters: [std::sync::OnceLock<prometheus::IntCounter>; 3],
+    fields: std::sync::OnceLock<PolicyFields>,
+}
 
-impl TierCounters {
-    /// One set per tier, for a route policy.
-    pub fn per_tier(tiers: usize) -> Arc<[TierCounters]> {
-        (0..tiers).map(|_| TierCounters::default()).collect()
+impl PerTier {
+    /// One per tier, for a route policy.
+    pub fn for_tiers(tiers: usize) -> Arc<[PerTier]> {
+        (0..tiers).map(|_| PerTier::default()).collect()
     }
+}
+
+/// `RateLimit-Policy` and `X-RateLimit-Limit` for one (limit, window): the same on every
+/// response of a tier, so made once and shared.
+#[derive(Debug, Clone)]
+struct PolicyFields {
+    limit: u64,
+    window_s: u64,
+    policy: HeaderValue,
+    limit_value: HeaderValue,
+}
+
+impl PolicyFields {
+    fn new(tier: &str, limit: u64, window_s: u64) -> Self {
+        Self {
+            limit,
+            window_s,
+            policy: structured(tier, "q=", limit, "w=", window_s),
+            limit_value: HeaderValue::from(limit),
+        }
+    }
+}
+
+/// `"tier";a=X;b=Y`, an RFC 8941 item with two parameters, assembled without the formatting
+/// machinery. Tier names are validated tokens, so the value is always valid.
+fn structured(tier: &str, a: &str, x: u64, b: &str, y: u64) -> HeaderValue {
+    let (mut xs, mut ys) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (x, y) = (xs.format(x), ys.format(y));
+    let mut v =
+        bytes::BytesMut::with_capacity(tier.len() + a.len() + b.len() + x.len() + y.len() + 4);
+    for part in ["\"", tier, "\";", a, x, ";", b, y] {
+        v.extend_from_slice(part.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(v.freeze()).unwrap_or(HeaderValue::from_static(""))
 }
 
 const RESULTS: [&str; 3] = ["allowed", "limited", "unavailable"];
@@ -91,8 +130,8 @@ const RESULTS: [&str; 3] = ["allowed", "limited", "unavailable"];
 /// Count one decision (`result` indexes `RESULTS`) for tier `tier` named `name`.
 fn count_decision(policy: &RoutePolicy, tier: TierId, name: &str, result: usize) {
     let counter = |r: usize| metrics::RATE_LIMIT_DECISIONS.with_label_values(&[name, RESULTS[r]]);
-    match policy.counters.get(tier) {
-        Some(c) => c.0[result].get_or_init(|| counter(result)).inc(),
+    match policy.per_tier_cache.get(tier) {
+        Some(c) => c.counters[result].get_or_init(|| counter(result)).inc(),
         None => counter(result).inc(),
     }
 }
@@ -159,6 +198,11 @@ fn window_of(algo: &Algo) -> u64 {
     match algo {
         Algo::SlidingWindow { window_ms, .. } | Algo::Gcra { window_ms, .. } => *window_ms,
     }
+}
+
+/// The window in whole seconds, as the fields give it.
+fn window_s_of(algo: &Algo) -> u64 {
+    window_of(algo).div_ceil(1000).max(1)
 }
 
 fn limit_of(algo: &Algo) -> u64 {
@@ -324,7 +368,7 @@ impl Limiter {
         Outcome::Decided {
             decision,
             limit: limit_of(&used),
-            window_s: window_of(&used).div_ceil(1000).max(1),
+            window_s: window_s_of(&used),
             tier,
         }
     }
@@ -335,92 +379,175 @@ pub fn ceil_secs(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
 }
 
-/// The rate-limit response headers (IETF draft fields and the X-RateLimit-* trio).
-/// Numbers become values without an intermediate `String` (they are on every limited response).
+/// The rate-limit response fields (the IETF draft's two and the X-RateLimit-* trio; Retry-After
+/// when refused), handed to `add` in that order with how many are still to come. They are on
+/// every limited response, so the policy's two are made once per tier and the three that
+/// change share one buffer: `X-RateLimit-Remaining` and `-Reset` are slices of `RateLimit`.
 pub fn headers(
     outcome: &Outcome,
+    policy: &RoutePolicy,
     tier_names: &[Arc<str>],
-) -> Vec<(&'static str, http::HeaderValue)> {
+    mut add: impl FnMut(&'static Field, HeaderValue, usize),
+) {
     let Outcome::Decided {
         decision,
         limit,
         window_s,
         tier,
-    } = outcome
+    } = *outcome
     else {
-        return Vec::new();
+        return;
     };
-    let name = tier_names.get(*tier).map_or("default", |t| t);
-    let reset = ceil_secs(decision.reset_ms);
-    // `"name";a=1;b=2`, assembled without the formatting machinery (it costs more than the
-    // rest of the header). Tier names are validated tokens, so the value is always valid.
-    let structured = |a: &str, x: u64, b: &str, y: u64| {
-        let (mut xs, mut ys) = (itoa::Buffer::new(), itoa::Buffer::new());
-        let (x, y) = (xs.format(x), ys.format(y));
-        let mut v =
-            bytes::BytesMut::with_capacity(name.len() + a.len() + b.len() + x.len() + y.len() + 4);
-        for part in ["\"", name, "\";", a, x, ";", b, y] {
-            v.extend_from_slice(part.as_bytes());
+    let name = tier_names.get(tier).map_or("default", |t| t);
+    let configured = |algo: &Algo| PolicyFields::new(name, limit_of(algo), window_s_of(algo));
+    let made;
+    let fixed = match (policy.per_tier_cache.get(tier), policy.per_tier.get(tier)) {
+        (Some(c), Some(Some(algo))) => Some(c.fields.get_or_init(|| configured(algo))),
+        _ => None,
+    };
+    let fixed = match fixed {
+        // The configured policy; a fallback's share of it (Redis down) is made each time.
+        Some(f) if f.limit == limit && f.window_s == window_s => f,
+        _ => {
+            made = PolicyFields::new(name, limit, window_s);
+            &made
         }
-        http::HeaderValue::from_maybe_shared(v.freeze())
-            .unwrap_or(http::HeaderValue::from_static(""))
     };
-    let mut h = Vec::with_capacity(6);
-    h.push((
-        "RateLimit-Policy",
-        structured("q=", *limit, "w=", *window_s),
-    ));
-    h.push((
-        "RateLimit",
-        structured("r=", decision.remaining, "t=", reset),
-    ));
-    h.push(("X-RateLimit-Limit", http::HeaderValue::from(*limit)));
-    h.push((
-        "X-RateLimit-Remaining",
-        http::HeaderValue::from(decision.remaining),
-    ));
-    h.push(("X-RateLimit-Reset", http::HeaderValue::from(reset)));
-    if !decision.allowed {
-        h.push((
-            "Retry-After",
-            http::HeaderValue::from(ceil_secs(decision.retry_after_ms)),
-        ));
+    let left = if decision.allowed { 5 } else { 6 };
+    add(&fields::RATELIMIT_POLICY, fixed.policy.clone(), left);
+    let reset = ceil_secs(decision.reset_ms);
+    let (mut rs, mut ts) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (r, t) = (rs.format(decision.remaining), ts.format(reset));
+    let mut v = bytes::BytesMut::with_capacity(name.len() + r.len() + t.len() + 8);
+    for part in ["\"", name, "\";r=", r, ";t=", t] {
+        v.extend_from_slice(part.as_bytes());
     }
-    h
+    let v = v.freeze();
+    let r_at = name.len() + 5;
+    let t_at = r_at + r.len() + 3;
+    let value =
+        |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).unwrap_or(HeaderValue::from_static(""));
+    add(&fields::RATELIMIT, value(v.clone()), left - 1);
+    add(
+        &fields::X_RATELIMIT_LIMIT,
+        fixed.limit_value.clone(),
+        left - 2,
+    );
+    add(
+        &fields::X_RATELIMIT_REMAINING,
+        value(v.slice(r_at..r_at + r.len())),
+        left - 3,
+    );
+    add(&fields::X_RATELIMIT_RESET, value(v.slice(t_at..)), left - 4);
+    if !decision.allowed {
+        add(
+            &fields::RETRY_AFTER,
+            HeaderValue::from(ceil_secs(decision.retry_after_ms)),
+            1,
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_rate_limit_fields_are_spelled_as_the_draft_and_the_x_trio_say() {
+    fn policy() -> RoutePolicy {
+        let algo = Algo::SlidingWindow {
+            limit: 1000,
+            window_ms: 60_000,
+        };
+        RoutePolicy {
+            enabled: true,
+            key: KeyKind::Consumer,
+            scope: Arc::from("t"),
+            per_tier: Arc::from([None, Some(algo)]),
+            per_tier_cache: PerTier::for_tiers(2),
+        }
+    }
+
+    fn fields_of(outcome: &Outcome, policy: &RoutePolicy) -> Vec<(&'static str, String, usize)> {
         let tiers: Vec<Arc<str>> = vec![Arc::from("anonymous"), Arc::from("pro")];
-        let outcome = Outcome::Decided {
+        let mut got = Vec::new();
+        headers(outcome, policy, &tiers, |f, v, left| {
+            got.push((f.spelled, v.to_str().expect("ascii").to_string(), left));
+        });
+        got
+    }
+
+    fn decided(limit: u64, remaining: u64, allowed: bool) -> Outcome {
+        Outcome::Decided {
             decision: algo::Decision {
-                allowed: false,
-                remaining: 0,
+                allowed,
+                remaining,
                 reset_ms: 41_001,
                 retry_after_ms: 1_500,
             },
-            limit: 1000,
+            limit,
             window_s: 60,
             tier: 1,
-        };
-        let got: Vec<(&str, String)> = headers(&outcome, &tiers)
-            .into_iter()
-            .map(|(n, v)| (n, v.to_str().expect("ascii").to_string()))
-            .collect();
+        }
+    }
+
+    #[test]
+    fn the_rate_limit_fields_are_spelled_as_the_draft_and_the_x_trio_say() {
+        let policy = policy();
         let want = [
-            ("RateLimit-Policy", "\"pro\";q=1000;w=60"),
-            ("RateLimit", "\"pro\";r=0;t=42"),
-            ("X-RateLimit-Limit", "1000"),
-            ("X-RateLimit-Remaining", "0"),
-            ("X-RateLimit-Reset", "42"),
-            ("Retry-After", "2"),
+            ("RateLimit-Policy", "\"pro\";q=1000;w=60", 6),
+            ("RateLimit", "\"pro\";r=0;t=42", 5),
+            ("X-RateLimit-Limit", "1000", 4),
+            ("X-RateLimit-Remaining", "0", 3),
+            ("X-RateLimit-Reset", "42", 2),
+            ("Retry-After", "2", 1),
         ];
-        let want: Vec<(&str, String)> = want.iter().map(|(n, v)| (*n, v.to_string())).collect();
-        assert_eq!(got, want);
-        assert!(headers(&Outcome::Unlimited, &tiers).is_empty());
+        let want: Vec<_> = want
+            .iter()
+            .map(|(n, v, l)| (*n, v.to_string(), *l))
+            .collect();
+        assert_eq!(fields_of(&decided(1000, 0, false), &policy), want);
+        assert!(fields_of(&Outcome::Unlimited, &policy).is_empty());
+    }
+
+    #[test]
+    fn fixed_fields_are_made_once_and_a_fallback_share_gets_its_own() {
+        let policy = policy();
+        let values = |o: &Outcome| -> Vec<String> {
+            fields_of(o, &policy)
+                .into_iter()
+                .map(|(_, v, _)| v)
+                .collect()
+        };
+        // Twice the configured policy (the second time from the tier's cache), with remaining
+        // numbers of other lengths so the slices of the shared buffer are checked too.
+        assert_eq!(
+            values(&decided(1000, 998, true)),
+            [
+                "\"pro\";q=1000;w=60",
+                "\"pro\";r=998;t=42",
+                "1000",
+                "998",
+                "42"
+            ]
+        );
+        assert!(policy.per_tier_cache[1].fields.get().is_some());
+        assert_eq!(
+            values(&decided(1000, 7, true)),
+            ["\"pro\";q=1000;w=60", "\"pro\";r=7;t=42", "1000", "7", "42"]
+        );
+        // Redis down, limit divided among 3 nodes: the share's own figures.
+        assert_eq!(
+            values(&decided(333, 12345, true)),
+            [
+                "\"pro\";q=333;w=60",
+                "\"pro\";r=12345;t=42",
+                "333",
+                "12345",
+                "42"
+            ]
+        );
+        assert_eq!(
+            policy.per_tier_cache[1].fields.get().map(|f| f.limit),
+            Some(1000)
+        );
     }
 }

@@ -320,3 +320,113 @@ async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {
         }
     }
 }
+
+/// A backend on a free port that answers every request with fields spelled its own way.
+async fn spelling_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = "HTTP/1.1 200 Fine Thanks\r\nX-Backend-Thing: a\r\n\
+                            ETag: \"v1\"\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+                        if conn.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_field_names_are_canonical_unless_case_is_preserved() {
+    let backend = spelling_backend().await;
+    let body = format!(
+        "tiers:\n  anonymous: {{ limit: 100, window: 1m }}\nupstreams:\n  u:\n    backends:\n      - {{ addr: \"{backend}\" }}\nroutes:\n  - {{ name: r, upstream: u }}\n"
+    );
+    // The head of one answer, its lines without the status line.
+    async fn head(gw: &Gateway) -> (String, Vec<String>) {
+        let mut conn = gw.connect().await;
+        conn.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_answer(&mut conn).await;
+        let head = answer.split("\r\n\r\n").next().unwrap_or("").to_string();
+        let mut lines = head.lines().map(str::to_string);
+        let status = lines.next().unwrap_or_default();
+        (status, lines.collect())
+    }
+    let has =
+        |lines: &[String], name: &str| lines.iter().any(|l| l.starts_with(&format!("{name}: ")));
+
+    // Default: the rate-limit fields and X-Request-Id straight into the map, names written in
+    // canonical form (a dozen common ones capitalised, others lowercase), values untouched.
+    let gw = Gateway::start(&body).await;
+    let (status, lines) = head(&gw).await;
+    assert_eq!(
+        status, "HTTP/1.1 200 Fine Thanks",
+        "the backend's reason phrase is kept"
+    );
+    for name in [
+        "x-backend-thing",
+        "etag",
+        "Content-Type",
+        "Content-Length",
+        "x-request-id",
+        "ratelimit-policy",
+        "ratelimit",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ] {
+        assert!(has(&lines, name), "{name} in {lines:?}");
+    }
+    assert!(
+        lines.contains(&"ratelimit-policy: \"anonymous\";q=100;w=60".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"x-ratelimit-remaining: 99".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"x-backend-thing: a".to_string()),
+        "{lines:?}"
+    );
+    drop(gw);
+
+    // Preserved: the backend's spelling, and Tollgate's as documented.
+    let gw = Gateway::start_with(&body, "  preserve_header_case: true\n").await;
+    let (status, lines) = head(&gw).await;
+    assert_eq!(status, "HTTP/1.1 200 Fine Thanks");
+    for name in [
+        "X-Backend-Thing",
+        "ETag",
+        "Content-Type",
+        "X-Request-Id",
+        "RateLimit-Policy",
+        "RateLimit",
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+    ] {
+        assert!(has(&lines, name), "{name} in {lines:?}");
+    }
+    assert!(
+        lines.contains(&"X-RateLimit-Remaining: 99".to_string()),
+        "{lines:?}"
+    );
+}
