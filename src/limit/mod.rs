@@ -106,15 +106,22 @@ impl PolicyFields {
         Self {
             limit,
             window_s,
-            policy: structured(tier, "q=", limit, "w=", window_s),
+            policy: field_value(structured(tier, "q=", limit, "w=", window_s).0),
             limit_value: HeaderValue::from(limit),
         }
     }
 }
 
 /// `"tier";a=X;b=Y`, an RFC 8941 item with two parameters, assembled without the formatting
-/// machinery. Tier names are validated tokens, so the value is always valid.
-fn structured(tier: &str, a: &str, x: u64, b: &str, y: u64) -> HeaderValue {
+/// machinery, with where X and Y are in it. Tier names are validated tokens, so the value is
+/// always a valid field value.
+fn structured(
+    tier: &str,
+    a: &str,
+    x: u64,
+    b: &str,
+    y: u64,
+) -> (bytes::Bytes, std::ops::Range<usize>, std::ops::Range<usize>) {
     let (mut xs, mut ys) = (itoa::Buffer::new(), itoa::Buffer::new());
     let (x, y) = (xs.format(x), ys.format(y));
     let mut v =
@@ -122,7 +129,13 @@ fn structured(tier: &str, a: &str, x: u64, b: &str, y: u64) -> HeaderValue {
     for part in ["\"", tier, "\";", a, x, ";", b, y] {
         v.extend_from_slice(part.as_bytes());
     }
-    HeaderValue::from_maybe_shared(v.freeze()).unwrap_or(HeaderValue::from_static(""))
+    let x_at = tier.len() + 3 + a.len();
+    let y_at = x_at + x.len() + 1 + b.len();
+    (v.freeze(), x_at..x_at + x.len(), y_at..y_at + y.len())
+}
+
+fn field_value(b: bytes::Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(b).unwrap_or(HeaderValue::from_static(""))
 }
 
 const RESULTS: [&str; 3] = ["allowed", "limited", "unavailable"];
@@ -416,18 +429,9 @@ pub fn headers(
     let left = if decision.allowed { 5 } else { 6 };
     add(&fields::RATELIMIT_POLICY, fixed.policy.clone(), left);
     let reset = ceil_secs(decision.reset_ms);
-    let (mut rs, mut ts) = (itoa::Buffer::new(), itoa::Buffer::new());
-    let (r, t) = (rs.format(decision.remaining), ts.format(reset));
-    let mut v = bytes::BytesMut::with_capacity(name.len() + r.len() + t.len() + 8);
-    for part in ["\"", name, "\";r=", r, ";t=", t] {
-        v.extend_from_slice(part.as_bytes());
-    }
-    let v = v.freeze();
-    let r_at = name.len() + 5;
-    let t_at = r_at + r.len() + 3;
-    let value =
-        |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).unwrap_or(HeaderValue::from_static(""));
-    add(&fields::RATELIMIT, value(v.clone()), left - 1);
+    // X-RateLimit-Remaining and -Reset are slices of RateLimit's value: one buffer for three.
+    let (v, r, t) = structured(name, "r=", decision.remaining, "t=", reset);
+    add(&fields::RATELIMIT, field_value(v.clone()), left - 1);
     add(
         &fields::X_RATELIMIT_LIMIT,
         fixed.limit_value.clone(),
@@ -435,10 +439,14 @@ pub fn headers(
     );
     add(
         &fields::X_RATELIMIT_REMAINING,
-        value(v.slice(r_at..r_at + r.len())),
+        field_value(v.slice(r)),
         left - 3,
     );
-    add(&fields::X_RATELIMIT_RESET, value(v.slice(t_at..)), left - 4);
+    add(
+        &fields::X_RATELIMIT_RESET,
+        field_value(v.slice(t)),
+        left - 4,
+    );
     if !decision.allowed {
         add(
             &fields::RETRY_AFTER,

@@ -558,3 +558,25 @@ async fn exact_mode_batches_decide_like_single_calls() {
         assert_eq!(coalescer.busy(), 0, "no caller left marked busy");
     }
 }
+
+/// An admitted request the backend then fails still tells the caller where it stands: the 502
+/// carries the rate-limit fields (and no Retry-After: it was not refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_request_that_fails_upstream_carries_the_fields() {
+    let mut up = MockUpstream::start("up").await;
+    let gw = Gateway::start(&config(&up, None, "", TIER_100)).await;
+    let client = http();
+    assert_eq!(hit(&client, &gw.url("/x")).await.status, 200);
+    up.stop();
+    let a = hit(&client, &gw.url("/x")).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert_eq!(header(&a, "x-ratelimit-limit").as_deref(), Some("100"));
+    assert_eq!(header(&a, "x-ratelimit-remaining").as_deref(), Some("98"));
+    assert_eq!(
+        header(&a, "ratelimit-policy").as_deref(),
+        Some("\"anonymous\";q=100;w=60")
+    );
+    assert!(header(&a, "ratelimit").is_some_and(|v| v.starts_with("\"anonymous\";r=98;t=")));
+    assert!(header(&a, "retry-after").is_none());
+    assert!(header(&a, "x-request-id").is_some());
+}
