@@ -504,7 +504,7 @@ async fn a_redis_second_level_is_shared_by_nodes_and_purged_everywhere() {
     let origin = Origin::start().await;
     let mut redis = RedisServer::start().await;
     let body = format!(
-        "redis: {{ url: \"{}\", timeout: 100ms }}\ncache: {{ redis: true }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\n{}",
+        "redis: {{ url: \"{}\", timeout: 500ms }}\ncache: {{ redis: true }}\nadmin: {{ token: \"{ADMIN_TOKEN}\" }}\n{}",
         redis.url(),
         config(&origin, "{ ttl: 60s }", "")
     );
@@ -512,7 +512,15 @@ async fn a_redis_second_level_is_shared_by_nodes_and_purged_everywhere() {
     let b = Gateway::start(&body).await;
     let client = http();
     assert_eq!(get_c(&client, &a, "/c/shared").await.cache, "MISS");
-    // Stored in Redis in the background; the other node then answers from it.
+    // Stored in Redis in the background (asked before it lands, b would go to the origin
+    // itself); the other node then answers from it.
+    eventually(Duration::from_secs(5), "node a's Redis store", || async {
+        let stored = a
+            .metric("tollgate_cache_redis_total{result=\"stored\"}")
+            .await;
+        (stored == Some(1.0)).then_some(())
+    })
+    .await;
     let on_b = eventually(
         Duration::from_secs(5),
         "node b to find the entry",
