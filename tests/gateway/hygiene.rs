@@ -374,59 +374,55 @@ async fn response_field_names_are_canonical_unless_case_is_preserved() {
 
     // Default: the rate-limit fields and X-Request-Id straight into the map, names written in
     // canonical form (a dozen common ones capitalised, others lowercase), values untouched.
-    let gw = Gateway::start(&body).await;
-    let (status, lines) = head(&gw).await;
-    assert_eq!(
-        status, "HTTP/1.1 200 Fine Thanks",
-        "the backend's reason phrase is kept"
-    );
-    for name in [
-        "x-backend-thing",
-        "etag",
-        "Content-Type",
-        "Content-Length",
-        "x-request-id",
-        "ratelimit-policy",
-        "ratelimit",
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
-    ] {
-        assert!(has(&lines, name), "{name} in {lines:?}");
-    }
-    assert!(
-        lines.contains(&"ratelimit-policy: \"anonymous\";q=100;w=60".to_string()),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&"x-ratelimit-remaining: 99".to_string()),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&"x-backend-thing: a".to_string()),
-        "{lines:?}"
-    );
-    drop(gw);
-
     // Preserved: the backend's spelling, and Tollgate's as documented.
-    let gw = Gateway::start_with(&body, "  preserve_header_case: true\n").await;
-    let (status, lines) = head(&gw).await;
-    assert_eq!(status, "HTTP/1.1 200 Fine Thanks");
-    for name in [
-        "X-Backend-Thing",
-        "ETag",
-        "Content-Type",
-        "X-Request-Id",
-        "RateLimit-Policy",
-        "RateLimit",
-        "X-RateLimit-Limit",
-        "X-RateLimit-Remaining",
-        "X-RateLimit-Reset",
-    ] {
-        assert!(has(&lines, name), "{name} in {lines:?}");
+    let cases: [(&str, &[&str], &[&str]); 2] = [
+        (
+            "",
+            &[
+                "etag",
+                "Content-Type",
+                "Content-Length",
+                "x-request-id",
+                "ratelimit",
+                "x-ratelimit-limit",
+                "x-ratelimit-reset",
+            ],
+            &[
+                "x-backend-thing: a",
+                "ratelimit-policy: \"anonymous\";q=100;w=60",
+                "x-ratelimit-remaining: 99",
+            ],
+        ),
+        (
+            "  preserve_header_case: true\n",
+            &[
+                "ETag",
+                "Content-Type",
+                "Content-Length",
+                "X-Request-Id",
+                "RateLimit",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Reset",
+            ],
+            &[
+                "X-Backend-Thing: a",
+                "RateLimit-Policy: \"anonymous\";q=100;w=60",
+                "X-RateLimit-Remaining: 99",
+            ],
+        ),
+    ];
+    for (server_extra, names, exact) in cases {
+        let gw = Gateway::start_with(&body, server_extra).await;
+        let (status, lines) = head(&gw).await;
+        assert_eq!(
+            status, "HTTP/1.1 200 Fine Thanks",
+            "the backend's reason phrase is kept"
+        );
+        for name in names {
+            assert!(has(&lines, name), "{name} in {lines:?}");
+        }
+        for line in exact {
+            assert!(lines.iter().any(|l| l == line), "{line} in {lines:?}");
+        }
     }
-    assert!(
-        lines.contains(&"X-RateLimit-Remaining: 99".to_string()),
-        "{lines:?}"
-    );
 }
