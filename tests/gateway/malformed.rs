@@ -1160,6 +1160,55 @@ async fn an_upgraded_connection_outlives_the_header_deadline() {
     }
 }
 
+/// cloudflare/pingora#946, patched in `vendor/pingora-proxy`: when the backend's 101 is read
+/// before the upgrade request's own (empty) body end, that end must not close the tunnel. This
+/// backend writes its 101 as soon as it accepts, so the 101 is waiting before the request is even
+/// sent; twenty upgrades in a row, each must echo a frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_answered_at_once_keeps_its_tunnel() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+                if c.write_all(switched).await.is_err() {
+                    return;
+                }
+                // Skip the request head, then echo everything.
+                let (mut buf, mut chunk, mut tunnel) = (Vec::new(), [0u8; 4096], false);
+                loop {
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if !tunnel {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        buf.drain(..end + 4);
+                        tunnel = true;
+                    }
+                    if !buf.is_empty() && c.write_all(&std::mem::take(&mut buf)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::start_with(
+        &format!("upstreams:\n  u:\n    backends: [{{ addr: \"{addr}\" }}]\nroutes:\n  - {{ name: r, upstream: u }}\n"),
+        "  access_log: \"off\"\n",
+    )
+    .await;
+    for _ in 0..20 {
+        let mut s = upgraded(&gw).await;
+        echo(&mut s, b"\x81\x02hi", &gw, Instant::now()).await;
+    }
+}
+
 /// An upgraded connection is not a request body: it outlives `body_timeout` (2 s here) in total
 /// as long as no single pause reaches it, and its bytes count against no body size limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
