@@ -597,6 +597,24 @@ pub async fn get(client: &reqwest::Client, url: &str) -> Option<(u16, String)> {
     Some((status, r.text().await.ok()?))
 }
 
+/// A raw TCP backend on `127.0.0.1:<free port>`: `serve` runs for each accepted connection.
+pub async fn raw_backend<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(serve(conn));
+        }
+    });
+    addr
+}
+
 /// One connection the recording upstream accepted.
 #[derive(Debug, Clone, Default)]
 pub struct RecordedConn {

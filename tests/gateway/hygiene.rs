@@ -323,32 +323,24 @@ async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {
 
 /// A backend on a free port that answers every request with fields spelled its own way.
 async fn spelling_backend() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = "HTTP/1.1 200 Fine Thanks\r\nX-Backend-Thing: a\r\n\
-                            ETag: \"v1\"\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
-                        if conn.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+    raw_backend(|mut conn| async move {
+        let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                let answer = "HTTP/1.1 200 Fine Thanks\r\nX-Backend-Thing: a\r\n\
+                    ETag: \"v1\"\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
                 }
-            });
+            }
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

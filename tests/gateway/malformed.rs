@@ -1166,38 +1166,31 @@ async fn an_upgraded_connection_outlives_the_header_deadline() {
 /// sent; twenty upgrades in a row, each must echo a frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_answered_at_once_keeps_its_tunnel() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut c, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-                if c.write_all(switched).await.is_err() {
-                    return;
-                }
-                // Skip the request head, then echo everything.
-                let (mut buf, mut chunk, mut tunnel) = (Vec::new(), [0u8; 4096], false);
-                loop {
-                    match c.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if !tunnel {
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            continue;
-                        };
-                        buf.drain(..end + 4);
-                        tunnel = true;
-                    }
-                    if !buf.is_empty() && c.write_all(&std::mem::take(&mut buf)).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let addr = raw_backend(|mut c| async move {
+        let switched = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        if c.write_all(switched).await.is_err() {
+            return;
         }
-    });
+        // Skip the request head, then echo everything.
+        let (mut buf, mut chunk, mut tunnel) = (Vec::new(), [0u8; 4096], false);
+        loop {
+            match c.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if !tunnel {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                buf.drain(..end + 4);
+                tunnel = true;
+            }
+            if !buf.is_empty() && c.write_all(&std::mem::take(&mut buf)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
     let gw = Gateway::start_with(
         &format!("upstreams:\n  u:\n    backends: [{{ addr: \"{addr}\" }}]\nroutes:\n  - {{ name: r, upstream: u }}\n"),
         "  access_log: \"off\"\n",
