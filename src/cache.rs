@@ -463,24 +463,24 @@ pub fn spawn_revalidation(
     tokio::spawn(async move {
         let name = snapshot.routes[route].name.clone();
         let result = revalidate(&cache, &snapshot, route, &key, &entry).await;
-        // The fresh entry goes in before the key is released: released first, a request in
-        // between would still find the stale entry and start a second refresh.
-        let label = match result {
-            Ok((Some(fresh), label)) => {
-                store_l2(&snapshot, cache.epoch(), &key, &fresh);
-                cache.insert(key.clone(), fresh);
-                label
-            }
-            Ok((None, label)) => label,
+        let (fresh, label) = match result {
+            Ok(r) => r,
             Err(e) => {
                 log::debug!("cache revalidation failed for route {name}: {e}");
-                "failed"
+                (None, "failed")
             }
         };
-        cache.end_refresh(&key);
+        // Counted before the entry is visible, so whoever sees the fresh entry sees the count;
+        // the key is released after the entry is in: released first, a request in between would
+        // still find the stale entry and start a second refresh.
         metrics::CACHE_REVALIDATIONS
             .with_label_values(&[&name, label])
             .inc();
+        if let Some(fresh) = fresh {
+            store_l2(&snapshot, cache.epoch(), &key, &fresh);
+            cache.insert(key.clone(), fresh);
+        }
+        cache.end_refresh(&key);
     });
 }
 
