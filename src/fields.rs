@@ -71,6 +71,8 @@ pub enum Case {
 pub struct Adder<'a> {
     resp: &'a mut ResponseHeader,
     case: Case,
+    /// The most fields that will be added: the map grows once for all of them.
+    at_most: usize,
     /// `Canonical`, once a field was added: the parts being filled, and the backend's reason
     /// phrase when it is not the standard one (the conversion drops it).
     open: Option<(http::response::Parts, Option<String>)>,
@@ -78,18 +80,18 @@ pub struct Adder<'a> {
 }
 
 impl<'a> Adder<'a> {
-    pub fn new(resp: &'a mut ResponseHeader, case: Case) -> Self {
+    pub fn new(resp: &'a mut ResponseHeader, case: Case, at_most: usize) -> Self {
         Self {
             resp,
             case,
+            at_most,
             open: None,
             error: None,
         }
     }
 
-    /// Set `field` to `value`, replacing any value the response had for it. `room` is how many
-    /// fields at most are still to come, this one included (the map grows once for all).
-    pub fn insert(&mut self, field: &Field, value: HeaderValue, room: usize) {
+    /// Set `field` to `value`, replacing any value the response had for it.
+    pub fn insert(&mut self, field: &Field, value: HeaderValue) {
         match self.case {
             Case::Preserve => {
                 if let Err(e) = self.resp.insert_header(field.spelled, value) {
@@ -97,6 +99,7 @@ impl<'a> Adder<'a> {
                 }
             }
             Case::Canonical => {
+                let at_most = self.at_most;
                 let (parts, _) = self.open.get_or_insert_with(|| {
                     let reason = self
                         .resp
@@ -104,12 +107,13 @@ impl<'a> Adder<'a> {
                         .filter(|r| Some(*r) != self.resp.status.canonical_reason())
                         .map(str::to_owned);
                     let placeholder = ResponseHeader::from(http::Response::new(()).into_parts().0);
-                    let resp = std::mem::replace(self.resp, placeholder);
-                    (http::response::Parts::from(resp), reason)
+                    let mut parts =
+                        http::response::Parts::from(std::mem::replace(self.resp, placeholder));
+                    // The map grows once for every field to come; a failed reservation (past
+                    // the map's maximum size) is left to the insert below.
+                    let _ = parts.headers.try_reserve(at_most);
+                    (parts, reason)
                 });
-                // Growing by the fields still to come at once; a failed reservation (past the
-                // map's maximum size) is left to the insert below.
-                let _ = parts.headers.try_reserve(room);
                 if let Err(e) = parts.headers.try_insert(field.name.clone(), value) {
                     self.error.get_or_insert(pingora_error::Error::because(
                         pingora_error::ErrorType::InvalidHTTPHeader,
@@ -166,10 +170,10 @@ mod tests {
     }
 
     fn add_three(r: &mut ResponseHeader, case: Case) {
-        let mut a = Adder::new(r, case);
-        a.insert(&REQUEST_ID, HeaderValue::from_static("ours"), 3);
-        a.insert(&RATELIMIT, HeaderValue::from_static("\"t\";r=1;t=2"), 2);
-        a.insert(&RETRY_AFTER, HeaderValue::from_static("3"), 1);
+        let mut a = Adder::new(r, case, 3);
+        a.insert(&REQUEST_ID, HeaderValue::from_static("ours"));
+        a.insert(&RATELIMIT, HeaderValue::from_static("\"t\";r=1;t=2"));
+        a.insert(&RETRY_AFTER, HeaderValue::from_static("3"));
         a.finish().expect("finish");
     }
 
@@ -224,7 +228,7 @@ mod tests {
     #[test]
     fn a_response_given_no_field_is_left_as_it_came() {
         let mut r = upstream_response();
-        Adder::new(&mut r, Case::Canonical)
+        Adder::new(&mut r, Case::Canonical, 3)
             .finish()
             .expect("finish");
         assert!(r.has_case());

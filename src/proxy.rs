@@ -131,7 +131,7 @@ impl Ctx {
 
 /// The route's rate-limit fields for this request's decision, handed to `add` (none when no
 /// limit applied).
-fn limit_fields(ctx: &Ctx, add: impl FnMut(&'static Field, HeaderValue, usize)) {
+fn limit_fields(ctx: &Ctx, add: impl FnMut(&'static Field, HeaderValue)) {
     if let Some(route) = ctx.route.map(|i| &ctx.snapshot.routes[i]) {
         limit::headers(&ctx.limit, &route.limit, &ctx.snapshot.identity.tiers, add);
     }
@@ -141,14 +141,15 @@ fn limit_fields(ctx: &Ctx, add: impl FnMut(&'static Field, HeaderValue, usize)) 
 /// client, spelled as `server.preserve_header_case` says.
 fn add_fields(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     let limited = !matches!(ctx.limit, limit::Outcome::Unlimited);
-    let mut add = fields::Adder::new(resp, ctx.snapshot.server.header_case);
+    let at_most = 1 + if limited { limit::MAX_FIELDS } else { 0 };
+    let mut add = fields::Adder::new(resp, ctx.snapshot.server.header_case, at_most);
     if ctx.snapshot.server.request_id_header {
         if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-            add.insert(&fields::REQUEST_ID, v, if limited { 7 } else { 1 });
+            add.insert(&fields::REQUEST_ID, v);
         }
     }
     if limited {
-        limit_fields(ctx, |f, v, left| add.insert(f, v, left));
+        limit_fields(ctx, |f, v| add.insert(f, v));
     }
     add.finish()
 }
@@ -156,8 +157,8 @@ fn add_fields(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
 /// The fields of an error answer: the rate-limit fields of an admitted request (Retry-After
 /// comes from the error itself) and, always, the request id.
 fn error_fields(session: &Session, ctx: &mut Ctx) -> Vec<(&'static Field, HeaderValue)> {
-    let mut extra = Vec::with_capacity(7);
-    limit_fields(ctx, |f, v, _| {
+    let mut extra = Vec::with_capacity(1 + limit::MAX_FIELDS);
+    limit_fields(ctx, |f, v| {
         if !std::ptr::eq(f, &fields::RETRY_AFTER) {
             extra.push((f, v));
         }

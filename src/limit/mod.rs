@@ -392,15 +392,18 @@ pub fn ceil_secs(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
 }
 
+/// The most fields [`headers`] adds to one response.
+pub const MAX_FIELDS: usize = 6;
+
 /// The rate-limit response fields (the IETF draft's two and the X-RateLimit-* trio; Retry-After
-/// when refused), handed to `add` in that order with how many are still to come. They are on
+/// when refused: at most [`MAX_FIELDS`]), handed to `add` in that order. They are on
 /// every limited response, so the policy's two are made once per tier and the three that
 /// change share one buffer: `X-RateLimit-Remaining` and `-Reset` are slices of `RateLimit`.
 pub fn headers(
     outcome: &Outcome,
     policy: &RoutePolicy,
     tier_names: &[Arc<str>],
-    mut add: impl FnMut(&'static Field, HeaderValue, usize),
+    mut add: impl FnMut(&'static Field, HeaderValue),
 ) {
     let Outcome::Decided {
         decision,
@@ -426,32 +429,18 @@ pub fn headers(
             &made
         }
     };
-    let left = if decision.allowed { 5 } else { 6 };
-    add(&fields::RATELIMIT_POLICY, fixed.policy.clone(), left);
+    add(&fields::RATELIMIT_POLICY, fixed.policy.clone());
     let reset = ceil_secs(decision.reset_ms);
     // X-RateLimit-Remaining and -Reset are slices of RateLimit's value: one buffer for three.
     let (v, r, t) = structured(name, "r=", decision.remaining, "t=", reset);
-    add(&fields::RATELIMIT, field_value(v.clone()), left - 1);
-    add(
-        &fields::X_RATELIMIT_LIMIT,
-        fixed.limit_value.clone(),
-        left - 2,
-    );
-    add(
-        &fields::X_RATELIMIT_REMAINING,
-        field_value(v.slice(r)),
-        left - 3,
-    );
-    add(
-        &fields::X_RATELIMIT_RESET,
-        field_value(v.slice(t)),
-        left - 4,
-    );
+    add(&fields::RATELIMIT, field_value(v.clone()));
+    add(&fields::X_RATELIMIT_LIMIT, fixed.limit_value.clone());
+    add(&fields::X_RATELIMIT_REMAINING, field_value(v.slice(r)));
+    add(&fields::X_RATELIMIT_RESET, field_value(v.slice(t)));
     if !decision.allowed {
         add(
             &fields::RETRY_AFTER,
             HeaderValue::from(ceil_secs(decision.retry_after_ms)),
-            1,
         );
     }
 }
@@ -474,12 +463,13 @@ mod tests {
         }
     }
 
-    fn fields_of(outcome: &Outcome, policy: &RoutePolicy) -> Vec<(&'static str, String, usize)> {
+    fn fields_of(outcome: &Outcome, policy: &RoutePolicy) -> Vec<(&'static str, String)> {
         let tiers: Vec<Arc<str>> = vec![Arc::from("anonymous"), Arc::from("pro")];
         let mut got = Vec::new();
-        headers(outcome, policy, &tiers, |f, v, left| {
-            got.push((f.spelled, v.to_str().expect("ascii").to_string(), left));
+        headers(outcome, policy, &tiers, |f, v| {
+            got.push((f.spelled, v.to_str().expect("ascii").to_string()));
         });
+        assert!(got.len() <= MAX_FIELDS);
         got
     }
 
@@ -501,17 +491,14 @@ mod tests {
     fn the_rate_limit_fields_are_spelled_as_the_draft_and_the_x_trio_say() {
         let policy = policy();
         let want = [
-            ("RateLimit-Policy", "\"pro\";q=1000;w=60", 6),
-            ("RateLimit", "\"pro\";r=0;t=42", 5),
-            ("X-RateLimit-Limit", "1000", 4),
-            ("X-RateLimit-Remaining", "0", 3),
-            ("X-RateLimit-Reset", "42", 2),
-            ("Retry-After", "2", 1),
+            ("RateLimit-Policy", "\"pro\";q=1000;w=60"),
+            ("RateLimit", "\"pro\";r=0;t=42"),
+            ("X-RateLimit-Limit", "1000"),
+            ("X-RateLimit-Remaining", "0"),
+            ("X-RateLimit-Reset", "42"),
+            ("Retry-After", "2"),
         ];
-        let want: Vec<_> = want
-            .iter()
-            .map(|(n, v, l)| (*n, v.to_string(), *l))
-            .collect();
+        let want: Vec<_> = want.iter().map(|(n, v)| (*n, v.to_string())).collect();
         assert_eq!(fields_of(&decided(1000, 0, false), &policy), want);
         assert!(fields_of(&Outcome::Unlimited, &policy).is_empty());
     }
@@ -520,10 +507,7 @@ mod tests {
     fn fixed_fields_are_made_once_and_a_fallback_share_gets_its_own() {
         let policy = policy();
         let values = |o: &Outcome| -> Vec<String> {
-            fields_of(o, &policy)
-                .into_iter()
-                .map(|(_, v, _)| v)
-                .collect()
+            fields_of(o, &policy).into_iter().map(|(_, v)| v).collect()
         };
         // Twice the configured policy (the second time from the tier's cache), with remaining
         // numbers of other lengths so the slices of the shared buffer are checked too.
