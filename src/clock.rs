@@ -37,7 +37,11 @@ pub fn since(earlier: Instant) -> std::time::Duration {
 /// `at` in milliseconds from a fixed origin (the first use in this process): a monotonic
 /// millisecond count for the retry budget's windows.
 pub fn ms(at: Instant) -> u64 {
-    let origin = *ORIGIN.get_or_init(now);
+    ms_after(*ORIGIN.get_or_init(now), at)
+}
+
+/// Whole milliseconds from `origin` to `at`, 0 when `at` is earlier.
+fn ms_after(origin: Instant, at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -65,7 +69,9 @@ mod tests {
         );
         let ms_b = ms(b);
         assert!(ms_b >= ms_a + 19 && ms_b <= ms_a + real.as_millis() as u64 + 5);
-        // Earlier than the origin saturates at 0 instead of wrapping.
-        assert_eq!(ms(a - Duration::from_secs(3600)), 0);
+        // Earlier than the origin saturates at 0 instead of wrapping. (No `a - 1h`: the
+        // clock counts from boot, so that underflows in a machine's first hour.)
+        assert_eq!(ms_after(b, a), 0);
+        assert!(ms_after(a, b) >= 19);
     }
 }
