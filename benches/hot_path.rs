@@ -12,8 +12,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::Method;
 
 use tollgate::config;
-use tollgate::health::BackendState;
 use tollgate::route;
+use tollgate::upstream::backend::BackendState;
 use tollgate::upstream::Upstream;
 
 fn config_with_routes(n: usize, balance: &str) -> config::GatewayConfig {
@@ -145,7 +145,7 @@ fn identity_bench(c: &mut Criterion) {
 
 fn limit_bench(c: &mut Criterion) {
     use futures_util::FutureExt;
-    use tollgate::fields::{Adder, Case};
+    use tollgate::http::fields::{Adder, Case};
     use tollgate::limit::{self, Limiter};
     let text = "server:\n  listen: [\"127.0.0.1:8080\"]\ntiers:\n  anonymous: { limit: 1000000000, window: 1m }\nupstreams:\n  u:\n    backends: [{ addr: \"127.0.0.1:1\" }]\nroutes:\n  - { name: r, upstream: u }\n";
     let cfg = config::load_str(Path::new("bench.yaml"), text).expect("bench config");

@@ -26,11 +26,33 @@ use http::header::{self, HeaderName};
 use pingora_core::connectors::http::Connector;
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::breaker::{self, now_ms};
+use crate::clock::UnixMs;
 use crate::metrics;
-use crate::snapshot::Snapshot;
+use crate::store::Store;
+use crate::upstream::breaker;
+use crate::upstream::{Timeouts, Upstream};
 
 /// A route's cache policy (compiled from `routes[].cache`).
+/// What the cache needs from the config generation serving a request: a cached route's
+/// upstream (to revalidate in the background) and Redis for the second level. Implemented by
+/// the snapshot; the cache never sees the snapshot itself.
+pub trait Origin: Send + Sync + 'static {
+    /// Route `index`'s name, cache policy (if any), upstream and timeouts.
+    fn cached_route(&self, index: usize) -> Option<CachedRoute<'_>>;
+    /// Redis, when the second level is on.
+    fn l2(&self) -> Option<&Arc<Store>>;
+    /// `server.hide_backend_server`: a stored response loses its `Server` field.
+    fn hide_backend_server(&self) -> bool;
+}
+
+/// A cached route as [`Origin::cached_route`] gives it.
+pub struct CachedRoute<'a> {
+    pub name: &'a Arc<str>,
+    pub policy: Option<&'a Policy>,
+    pub upstream: &'a Upstream,
+    pub timeouts: Timeouts,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub ttl: Duration,
@@ -426,7 +448,7 @@ impl Ctx {
         Some(Arc::new(Entry {
             header: cap.header,
             body: cap.body.freeze(),
-            stored_ms: now_ms(),
+            stored_ms: UnixMs::now().0,
             fresh_until: cap.times.0,
             stale_until: cap.times.1,
             error_until: cap.times.2,
@@ -450,9 +472,9 @@ pub fn response_for(
 /// Refresh a stale entry in the background (once per key at a time). The request replayed is
 /// the one that produced the entry, made conditional with its validators; a 304 extends the
 /// entry, a storable answer replaces it, anything else leaves it to age out.
-pub fn spawn_revalidation(
+pub fn spawn_revalidation<O: Origin>(
     cache: Arc<ResponseCache>,
-    snapshot: Arc<Snapshot>,
+    snapshot: Arc<O>,
     route: usize,
     key: String,
     entry: Arc<Entry>,
@@ -461,8 +483,10 @@ pub fn spawn_revalidation(
         return;
     }
     tokio::spawn(async move {
-        let name = snapshot.routes[route].name.clone();
-        let result = revalidate(&cache, &snapshot, route, &key, &entry).await;
+        let name = snapshot
+            .cached_route(route)
+            .map_or_else(|| Arc::from(""), |r| r.name.clone());
+        let result = revalidate(&cache, &*snapshot, route, &key, &entry).await;
         let (fresh, label) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -477,7 +501,7 @@ pub fn spawn_revalidation(
             .with_label_values(&[&name, label])
             .inc();
         if let Some(fresh) = fresh {
-            store_l2(&snapshot, cache.epoch(), &key, &fresh);
+            store_l2(&*snapshot, cache.epoch(), &key, &fresh);
             cache.insert(key.clone(), fresh);
         }
         cache.end_refresh(&key);
@@ -486,21 +510,23 @@ pub fn spawn_revalidation(
 
 async fn revalidate(
     cache: &ResponseCache,
-    snapshot: &Snapshot,
+    snapshot: &impl Origin,
     route: usize,
     key: &str,
     entry: &Arc<Entry>,
 ) -> pingora_error::Result<(Option<Arc<Entry>>, &'static str)> {
     use pingora_error::{Error, ErrorType};
-    let r = &snapshot.routes[route];
-    let Some(policy) = &r.cache else {
+    let Some(r) = snapshot.cached_route(route) else {
         return Ok((None, "uncacheable"));
     };
-    let upstream = &snapshot.upstreams[r.upstream];
+    let Some(policy) = r.policy else {
+        return Ok((None, "uncacheable"));
+    };
+    let upstream = r.upstream;
     let (index, probe) = upstream
         .select(key.as_bytes(), &[])
         .map_err(|_| Error::explain(ErrorType::ConnectNoRoute, "no healthy backend"))?;
-    let t = r.timeouts.unwrap_or(upstream.spec.timeouts);
+    let t = r.timeouts;
     let peer = crate::upstream::peer(upstream.spec.backends[index].addr, &t, t.total);
     let mut req = entry.origin.clone();
     if let Some(etag) = entry.header.headers.get(header::ETAG).cloned() {
@@ -520,7 +546,7 @@ async fn revalidate(
             .cloned()
             .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))?;
         let status = resp.status.as_u16();
-        let now = now_ms();
+        let now = UnixMs::now().0;
         let result = if status == 304 {
             // Still valid: the same body with new freshness (from the 304's directives).
             let mut merged = entry.header.clone();
@@ -550,7 +576,7 @@ async fn revalidate(
                 body.extend_from_slice(&chunk);
             }
             let mut header = resp.clone();
-            crate::proxy::clean_response(&mut header, false, snapshot.server.hide_backend_server);
+            crate::http::rules::clean_response(&mut header, false, snapshot.hide_backend_server());
             Some(Arc::new(Entry {
                 header,
                 body: body.freeze(),
@@ -705,13 +731,12 @@ impl ResponseCache {
 /// Look `key` up in Redis (after an L1 miss). Redis down, slow or holding garbage: a miss.
 pub async fn lookup_l2(
     cache: &ResponseCache,
-    snapshot: &Snapshot,
+    snapshot: &impl Origin,
     key: &str,
 ) -> Option<Arc<Entry>> {
-    let shared = snapshot.shared.as_ref().filter(|_| snapshot.cache.redis)?;
+    let store = snapshot.l2()?;
     let rkey = l2_key(cache.epoch(), key);
-    let got = shared
-        .store
+    let got = store
         .call_for_request("cache_get", |mut c| async move {
             redis::cmd("GET")
                 .arg(rkey)
@@ -732,16 +757,16 @@ pub async fn lookup_l2(
 
 /// Write an entry to Redis in the background when L2 is on; it expires when it can no longer be
 /// served. Failures are counted (Redis errors), never waited for.
-pub fn store_l2(snapshot: &Snapshot, epoch: u64, key: &str, entry: &Arc<Entry>) {
-    let Some(shared) = snapshot.shared.as_ref().filter(|_| snapshot.cache.redis) else {
+pub fn store_l2(snapshot: &impl Origin, epoch: u64, key: &str, entry: &Arc<Entry>) {
+    let Some(store) = snapshot.l2() else {
         return;
     };
-    let ttl_ms = entry.error_until.saturating_sub(now_ms());
+    let ttl_ms = entry.error_until.saturating_sub(UnixMs::now().0);
     if ttl_ms == 0 {
         return;
     }
     let Some(bytes) = encode(entry) else { return };
-    let store = shared.store.clone();
+    let store = store.clone();
     let rkey = l2_key(epoch, key);
     tokio::spawn(async move {
         let r = store

@@ -18,11 +18,11 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, ConfigError, GatewayConfig};
-use crate::health::HealthBook;
 use crate::identity::issued::IssuedKeys;
 use crate::limit::Limiter;
 use crate::metrics;
 use crate::snapshot::{Shared, SharedSnapshot, Snapshot};
+use crate::state::Registry;
 use crate::store::{Store, StoreSpec};
 
 /// The result of one reload attempt, as the admin API and logs report it.
@@ -40,7 +40,7 @@ pub struct ReloadOutcome {
 pub struct Control {
     pub path: PathBuf,
     pub current: SharedSnapshot,
-    pub book: HealthBook,
+    pub registry: Registry,
     pub started_at: SystemTime,
     pub pid_file: Option<String>,
     /// Set by a SIGHUP that arrived before the control loop was listening.
@@ -54,7 +54,7 @@ pub struct Control {
     /// The response cache (outlives snapshots; its capacity follows the config).
     pub cache: Arc<crate::cache::ResponseCache>,
     /// What the connection front end reads per request (follows every published snapshot).
-    pub front: Arc<crate::guard::FrontSettings>,
+    pub front: Arc<crate::front::FrontSettings>,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
     redis: Mutex<Option<RedisHandle>>,
@@ -68,14 +68,14 @@ impl Control {
     pub fn new(path: PathBuf, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> Arc<Self> {
         let (requests, inbox) = mpsc::channel(16);
         let unprobed = Snapshot::unprobed(config.clone());
-        let front = Arc::new(crate::guard::FrontSettings::default());
-        front.follow(&unprobed);
+        let front = Arc::new(crate::front::FrontSettings::default());
+        follow_front(&front, &unprobed);
         Arc::new(Self {
             pid_file: config.server.pid_file.clone(),
             path,
             current: Arc::new(ArcSwap::from_pointee(unprobed)),
             front,
-            book: HealthBook::default(),
+            registry: Registry::default(),
             started_at: SystemTime::now(),
             early_hup,
             draining: Arc::new(AtomicBool::new(false)),
@@ -166,15 +166,15 @@ impl Control {
             .take();
         if let Some(config) = initial {
             let shared = self.shared_for(config.redis.as_ref());
-            let snapshot = Snapshot::build(config, 1, &self.book, shared).await;
-            snapshot.commit_health(&self.book);
+            let snapshot = Snapshot::build(config, 1, &self.registry, shared).await;
+            snapshot.commit_health(&self.registry);
             metrics::CONFIG_GENERATION.set(1);
             self.limiter.nodes.live.store(
                 snapshot.limits.assume_nodes,
                 std::sync::atomic::Ordering::Relaxed,
             );
             self.cache.set_capacity(snapshot.cache.max_bytes);
-            self.front.follow(&snapshot);
+            follow_front(&self.front, &snapshot);
             self.current.store(Arc::new(snapshot));
             log::info!("config generation 1 loaded from {}", self.path.display());
         }
@@ -220,12 +220,12 @@ impl Control {
                 }
                 let generation = old.generation + 1;
                 let shared = self.shared_for(config.redis.as_ref());
-                let snapshot = Snapshot::build(config, generation, &self.book, shared).await;
+                let snapshot = Snapshot::build(config, generation, &self.registry, shared).await;
                 self.cache.set_capacity(snapshot.cache.max_bytes);
-                self.front.follow(&snapshot);
+                follow_front(&self.front, &snapshot);
                 self.current.store(Arc::new(snapshot));
                 // Probes follow the published snapshot: removed backends stop being checked.
-                self.current.load().commit_health(&self.book);
+                self.current.load().commit_health(&self.registry);
                 metrics::CONFIG_RELOADS.with_label_values(&["ok"]).inc();
                 metrics::CONFIG_GENERATION.set(generation as i64);
                 log::info!(
@@ -253,6 +253,16 @@ impl Control {
 }
 
 /// Read the cluster-wide cache purge epoch (each second, with the heartbeat).
+/// Hand the connection front end the values it reads per connection from a snapshot about to be
+/// published.
+fn follow_front(front: &crate::front::FrontSettings, s: &Snapshot) {
+    front.follow(
+        s.keepalive_secs,
+        s.server.max_header_bytes,
+        s.server.max_uri_bytes,
+    );
+}
+
 async fn follow_cache_epoch(cache: &crate::cache::ResponseCache, store: &Store) {
     let epoch = store
         .call("cache_epoch", |mut c| async move {
@@ -317,10 +327,7 @@ async fn limiter_tasks(
             next_beat = now + beat;
         }
         let wait = if settings.mode == crate::limit::Mode::Batched {
-            let now_ms = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now_ms = crate::clock::UnixMs::now().0;
             let _ = limiter.batched.sync(&store, now_ms).await;
             settings.sync_interval
         } else {

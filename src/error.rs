@@ -8,8 +8,63 @@ use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
-use crate::fields::{Case, Field};
-use crate::identity::AuthError;
+use crate::http::fields::{Case, Field};
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    /// 401: no credential where one is needed.
+    Missing,
+    /// 401: more than one credential.
+    Ambiguous,
+    /// 401: an API key that is not valid (unknown, revoked, expired, malformed).
+    InvalidKey,
+    /// 401: a token that is not valid.
+    InvalidToken(TokenError),
+    /// 403: authenticated, but without a required role.
+    Forbidden,
+    /// 503: an issued key cannot be checked because Redis is unreachable.
+    Unavailable,
+}
+
+impl AuthError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Missing => "missing_credentials",
+            Self::Ambiguous => "ambiguous_credentials",
+            Self::InvalidKey => "invalid_key",
+            Self::InvalidToken(t) => t.reason(),
+            Self::Forbidden => "forbidden",
+            Self::Unavailable => "auth_unavailable",
+        }
+    }
+}
+
+/// Why a token was refused (a bounded set, used as a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    Malformed,
+    Algorithm,
+    UnknownKey,
+    Signature,
+    Expired,
+    NotYetValid,
+    Claims,
+}
+
+impl TokenError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Malformed => "token_malformed",
+            Self::Algorithm => "token_algorithm",
+            Self::UnknownKey => "token_unknown_key",
+            Self::Signature => "token_signature",
+            Self::Expired => "token_expired",
+            Self::NotYetValid => "token_not_yet_valid",
+            Self::Claims => "token_claims",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GatewayError {

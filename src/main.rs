@@ -23,7 +23,7 @@ use pingora_core::services::listening::Service;
 use tollgate::admin::Admin;
 use tollgate::config::{self, GatewayConfig};
 use tollgate::control::{Control, ControlService};
-use tollgate::guard::Front;
+use tollgate::front::Front;
 use tollgate::proxy::Gateway;
 
 #[global_allocator]

@@ -264,6 +264,20 @@ pub struct RouteMetrics {
 pub const METHODS: [&str; 8] = [
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER",
 ];
+/// A bounded label index for the method (clients can send any token): see [`METHODS`].
+pub fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::POST => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        http::Method::PATCH => 4,
+        http::Method::HEAD => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
 impl RouteMetrics {

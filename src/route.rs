@@ -185,8 +185,13 @@ pub fn find<'r>(routes: &'r [Route], host: &str, path: &str, method: &Method) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A route matching everything, with no feature on (for other modules' tests).
+    pub(crate) fn plain_route() -> Route {
+        route("r", &[], PathMatch::Any, &[])
+    }
 
     fn route(name: &str, hosts: &[&str], path: PathMatch, methods: &[&str]) -> Route {
         Route {

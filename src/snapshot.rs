@@ -1,20 +1,23 @@
 //! The runtime snapshot: one immutable value holding compiled routes and live upstreams, shared
 //! through one `ArcSwap`. A request loads it once at its start and keeps that `Arc` to its end,
 //! so a reload never changes the config under a request in flight. Building a snapshot probes
-//! new backends once (see `health`); it never mutates the snapshot that is serving.
+//! new backends once (see `upstream::health`) and takes what must outlive it (backend states,
+//! budgets, shedders) from `state::Registry`; it never mutates the snapshot that is serving.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use crate::admission::Plan;
 use crate::config::{GatewayConfig, ServerSettings, TierSpec};
-use crate::health::{BackendState, HealthBook};
 use crate::identity::issued::IssuedKeys;
 use crate::identity::IdentityConfig;
+use crate::metrics::RouteMetrics;
 use crate::route::Route;
-use crate::shed::Shedder;
+use crate::state::Registry;
 use crate::store::Store;
+use crate::upstream::backend::BackendState;
 use crate::upstream::Upstream;
 
 /// The Redis-backed parts a snapshot uses; they outlive snapshots (see `control`).
@@ -29,7 +32,8 @@ pub struct Snapshot {
     pub generation: u64,
     pub loaded_at: SystemTime,
     pub server: ServerSettings,
-    pub routes: Vec<Route>,
+    /// In match order.
+    pub routes: Vec<RouteRuntime>,
     /// Some route matches on the host: only then is the request's host normalised for routing.
     pub routes_match_host: bool,
     pub upstreams: Vec<Upstream>,
@@ -42,55 +46,57 @@ pub struct Snapshot {
     pub limits: crate::limit::Settings,
     /// Response cache settings (the cache itself outlives snapshots: `Control::cache`).
     pub cache: crate::cache::Settings,
-    /// Per route (same order as `routes`): its in-flight limiter.
-    pub route_shed: Vec<Option<Arc<Shedder>>>,
-    pub global_shed: Option<Arc<Shedder>>,
-    /// Per route (same order as `routes`), then one for requests no route matched.
-    pub route_metrics: Vec<crate::metrics::RouteMetrics>,
+    /// Metric handles for requests no route matched.
+    pub unrouted_metrics: RouteMetrics,
     /// The span exporter for `server.otlp` (shared by snapshots while the block is unchanged).
     #[cfg(feature = "otlp")]
     pub otlp: Option<Arc<crate::otlp::Exporter>>,
 }
 
+/// One route as this generation serves it: the compiled route, its admission plan and its
+/// metric handles.
+pub struct RouteRuntime {
+    pub route: Route,
+    pub admission: Plan,
+    pub metrics: RouteMetrics,
+}
+
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
 impl Snapshot {
-    /// Build from a validated config, reusing the health state of backends already known to
-    /// `book` and probing new ones once. Does not publish anything.
+    /// Build from a validated config, reusing the state of backends, budgets and shedders
+    /// already in `registry` and probing new backends once. Does not publish anything.
     pub async fn build(
         mut config: GatewayConfig,
         generation: u64,
-        book: &HealthBook,
+        registry: &Registry,
         shared: Option<Shared>,
     ) -> Self {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for spec in std::mem::take(&mut config.upstreams) {
-            let states = book.states_for(&spec).await;
-            let budget = book.budget_for(&spec.name);
+            let states = registry.states_for(&spec).await;
+            let budget = registry.budget_for(&spec.name);
             upstreams.push(Upstream::new(spec, states, budget));
         }
-        let mut snapshot = Self::assemble(config, upstreams, generation, shared);
         let mut used = Vec::new();
-        snapshot.route_shed = snapshot
-            .routes
-            .iter()
-            .map(|r| {
-                r.shed.map(|spec| {
-                    let scope = format!("route:{}", r.name);
-                    used.push((scope.clone(), spec));
-                    book.shedder_for(&scope, spec)
-                })
-            })
-            .collect();
-        snapshot.global_shed = snapshot.server.max_inflight.map(|spec| {
+        let gateway_shed = config.server.max_inflight.map(|spec| {
             used.push(("gateway".to_string(), spec));
-            book.shedder_for("gateway", spec)
+            registry.shedder_for("gateway", spec)
         });
-        book.retain_shedders(&used);
+        let snapshot = Self::assemble(config, upstreams, generation, shared, |r| {
+            let route_shed = r.shed.map(|spec| {
+                let scope = format!("route:{}", r.name);
+                used.push((scope.clone(), spec));
+                registry.shedder_for(&scope, spec)
+            });
+            Plan::compile(r, gateway_shed.as_ref(), route_shed.as_ref())
+        });
+        registry.retain_shedders(&used);
         #[cfg(feature = "otlp")]
-        {
-            snapshot.otlp = crate::otlp::exporter_for(snapshot.server.otlp.as_ref());
-        }
+        let snapshot = Self {
+            otlp: crate::otlp::exporter_for(snapshot.server.otlp.as_ref()),
+            ..snapshot
+        };
         snapshot
     }
 
@@ -108,7 +114,8 @@ impl Snapshot {
                 Upstream::new(spec, states, Arc::default())
             })
             .collect();
-        Self::assemble(config, upstreams, 0, None)
+        // No listener is open yet: nothing to admit.
+        Self::assemble(config, upstreams, 0, None, |_| Plan::default())
     }
 
     fn assemble(
@@ -116,22 +123,25 @@ impl Snapshot {
         upstreams: Vec<Upstream>,
         generation: u64,
         shared: Option<Shared>,
+        mut plan: impl FnMut(&Route) -> Plan,
     ) -> Self {
         let keepalive_secs = config.server.keepalive_timeout.as_secs().max(1);
-        let route_metrics = config
+        let routes_match_host = config.routes.iter().any(Route::matches_host);
+        let routes = config
             .routes
-            .iter()
-            .map(|r| crate::metrics::RouteMetrics::new(r.name.clone()))
-            .chain(std::iter::once(crate::metrics::RouteMetrics::new(
-                Arc::from(""),
-            )))
+            .into_iter()
+            .map(|route| RouteRuntime {
+                admission: plan(&route),
+                metrics: RouteMetrics::new(route.name.clone()),
+                route,
+            })
             .collect();
         Self {
             generation,
             loaded_at: SystemTime::now(),
             server: config.server,
-            routes_match_host: config.routes.iter().any(Route::matches_host),
-            routes: config.routes,
+            routes_match_host,
+            routes,
             upstreams,
             keepalive_secs,
             tiers: config.tiers,
@@ -140,21 +150,43 @@ impl Snapshot {
             admin_token: config.admin_token,
             limits: config.limits,
             cache: config.cache,
-            route_shed: Vec::new(),
-            global_shed: None,
-            route_metrics,
+            unrouted_metrics: RouteMetrics::new(Arc::from("")),
             #[cfg(feature = "otlp")]
             otlp: None,
         }
     }
 
-    /// Register this snapshot's backends with the health book (start/stop probes).
-    pub fn commit_health(&self, book: &HealthBook) {
+    /// Register this snapshot's backends with the registry (start/stop probes).
+    pub fn commit_health(&self, registry: &Registry) {
         let pairs: Vec<_> = self
             .upstreams
             .iter()
             .map(|u| (u.spec.clone(), u.backends.clone()))
             .collect();
-        book.commit(&pairs);
+        registry.commit(&pairs);
+    }
+}
+
+impl crate::cache::Origin for Snapshot {
+    fn cached_route(&self, index: usize) -> Option<crate::cache::CachedRoute<'_>> {
+        let r = &self.routes.get(index)?.route;
+        let upstream = self.upstreams.get(r.upstream)?;
+        Some(crate::cache::CachedRoute {
+            name: &r.name,
+            policy: r.cache.as_ref(),
+            upstream,
+            timeouts: r.timeouts.unwrap_or(upstream.spec.timeouts),
+        })
+    }
+
+    fn l2(&self) -> Option<&Arc<Store>> {
+        self.shared
+            .as_ref()
+            .filter(|_| self.cache.redis)
+            .map(|s| &s.store)
+    }
+
+    fn hide_backend_server(&self) -> bool {
+        self.server.hide_backend_server
     }
 }

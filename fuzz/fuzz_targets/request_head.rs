@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::{AsciiSet, CONTROLS};
-use tollgate::guard::{scan_request_head, HeadScanner};
+use tollgate::http::head::{scan_request_head, HeadScanner};
 
 /// pingora-core 0.9.1 `protocols/http/v1/server.rs`: when httparse fails on the request line
 /// with a token or version error, pingora percent-encodes these bytes of the target and parses

@@ -86,7 +86,7 @@ impl Admin {
             "config_file": self.control.path.display().to_string(),
             "config_generation": snap.generation,
             "last_reload": last_reload,
-            "health_probes": self.control.book.probe_count(),
+            "health_probes": self.control.registry.probe_count(),
             "in_flight": crate::metrics::IN_FLIGHT.get(),
             "rate_limit": {
                 "mode": format!("{:?}", snap.limits.mode).to_lowercase(),
@@ -102,7 +102,7 @@ impl Admin {
     }
 
     fn upstreams(&self) -> serde_json::Value {
-        json!({ "upstreams": upstreams_json(&self.control.current.load()) })
+        json!({ "upstreams": stats::upstreams_json(&self.control.current.load()) })
     }
 
     fn limits(&self) -> serde_json::Value {
@@ -140,6 +140,7 @@ impl Admin {
         let list: Vec<_> = snap
             .routes
             .iter()
+            .map(|r| &r.route)
             .map(|r| json!({"name": &*r.name, "upstream": &*snap.upstreams[r.upstream].spec.name}))
             .collect();
         json!({ "routes": list })
@@ -366,7 +367,7 @@ impl ServeHttp for Admin {
                         "bytes": self.control.cache.bytes(),
                         "max_bytes": snap.cache.max_bytes,
                         "redis": snap.cache.redis,
-                        "routes": snap.routes.iter().filter(|r| r.cache.is_some())
+                        "routes": snap.routes.iter().map(|r| &r.route).filter(|r| r.cache.is_some())
                             .map(|r| r.name.to_string()).collect::<Vec<_>>(),
                     }),
                 )
@@ -381,33 +382,6 @@ impl ServeHttp for Admin {
             _ => error(404, "not_found", "no such admin endpoint"),
         }
     }
-}
-
-/// Every upstream with its backends' weight, health, breaker and in-flight attempts (shared by
-/// `/admin/upstreams` and `/admin/stats`).
-pub(crate) fn upstreams_json(snap: &crate::snapshot::Snapshot) -> Vec<serde_json::Value> {
-    snap.upstreams
-        .iter()
-        .map(|u| {
-            let backends: Vec<_> = u
-                .spec
-                .backends
-                .iter()
-                .zip(&u.backends)
-                .map(|(b, s)| {
-                    json!({
-                        "addr": b.addr.to_string(),
-                        "weight": b.weight,
-                        "healthy": s.is_healthy(),
-                        "breaker": s.breaker.state().as_str(),
-                        "breaker_transitions": s.breaker.transitions.load(std::sync::atomic::Ordering::Relaxed),
-                        "in_flight": s.in_flight(),
-                    })
-                })
-                .collect();
-            json!({"name": &*u.spec.name, "backends": backends})
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -144,7 +144,7 @@ pub fn stats(control: &Control) -> Value {
         })
         .collect();
 
-    let upstreams = super::upstreams_json(&snap);
+    let upstreams = upstreams_json(&snap);
 
     json!({
         "timestamp_ms": timestamp_ms,
@@ -170,6 +170,33 @@ pub fn stats(control: &Control) -> Value {
         "upstreams": upstreams,
         "reloads": reloads,
     })
+}
+
+/// Every upstream with its backends' weight, health, breaker and in-flight attempts (shared by
+/// `/admin/upstreams` and `/admin/stats`).
+pub fn upstreams_json(snap: &crate::snapshot::Snapshot) -> Vec<serde_json::Value> {
+    snap.upstreams
+        .iter()
+        .map(|u| {
+            let backends: Vec<_> = u
+                .spec
+                .backends
+                .iter()
+                .zip(&u.backends)
+                .map(|(b, s)| {
+                    json!({
+                        "addr": b.addr.to_string(),
+                        "weight": b.weight,
+                        "healthy": s.is_healthy(),
+                        "breaker": s.breaker.state().as_str(),
+                        "breaker_transitions": s.breaker.transitions.load(std::sync::atomic::Ordering::Relaxed),
+                        "in_flight": s.in_flight(),
+                    })
+                })
+                .collect();
+            json!({"name": &*u.spec.name, "backends": backends})
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -42,13 +42,6 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// A field path and what is wrong with it, before it is located in the file.
-#[derive(Debug, Clone)]
-pub(crate) struct Problem {
-    pub field: String,
-    pub message: String,
-}
-
 /// Read, parse and validate `path`. Errors: every problem found, in file order.
 pub fn load(path: &Path) -> Result<GatewayConfig, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path).map_err(|e| {

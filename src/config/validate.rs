@@ -12,16 +12,22 @@ use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
 use super::schema::{self, BalanceSection, FileConfig};
-use super::Problem;
-use crate::breaker::{BreakerSpec, BudgetSpec};
 use crate::identity::{self, jwt, keys, Consumer, IdentityConfig, Mode, Policy, BUILTIN_TIERS};
 use crate::limit::{self, Algo, KeyKind, PerTier, RoutePolicy};
 use crate::route::{Compression, HostMatch, PathMatch, Rewrite, Route};
 use crate::shed::ShedSpec;
 use crate::store::StoreSpec;
+use crate::upstream::breaker::{BreakerSpec, BudgetSpec};
 use crate::upstream::{
     BackendSpec, Balance, HashKey, HealthKind, HealthSpec, Timeouts, UpstreamSpec,
 };
+
+/// A field path and what is wrong with it, before it is located in the file.
+#[derive(Debug, Clone)]
+pub(crate) struct Problem {
+    pub field: String,
+    pub message: String,
+}
 
 /// A validated, compiled config: everything the runtime snapshot is built from.
 #[derive(Debug, Clone)]
@@ -67,7 +73,7 @@ pub struct ServerSettings {
     pub request_id_header: bool,
     pub hide_backend_server: bool,
     /// How the names of fields Tollgate adds to responses are written.
-    pub header_case: crate::fields::Case,
+    pub header_case: crate::http::fields::Case,
     pub trace_context: bool,
     pub max_headers: usize,
     /// Longest single header field, `name: value` without the line end.
@@ -304,9 +310,9 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         request_id_header: s.request_id_header,
         hide_backend_server: s.hide_backend_server,
         header_case: if s.preserve_header_case {
-            crate::fields::Case::Preserve
+            crate::http::fields::Case::Preserve
         } else {
-            crate::fields::Case::Canonical
+            crate::http::fields::Case::Canonical
         },
         trace_context: s.trace_context,
         access_log: match s.access_log.as_str() {

@@ -13,31 +13,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-/// Why a token was refused (a bounded set, used as a metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenError {
-    Malformed,
-    Algorithm,
-    UnknownKey,
-    Signature,
-    Expired,
-    NotYetValid,
-    Claims,
-}
-
-impl TokenError {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Malformed => "token_malformed",
-            Self::Algorithm => "token_algorithm",
-            Self::UnknownKey => "token_unknown_key",
-            Self::Signature => "token_signature",
-            Self::Expired => "token_expired",
-            Self::NotYetValid => "token_not_yet_valid",
-            Self::Claims => "token_claims",
-        }
-    }
-}
+pub use crate::error::TokenError;
 
 struct Key {
     kid: Option<String>,

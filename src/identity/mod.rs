@@ -23,6 +23,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use issued::{IssuedKeys, Lookup};
 use keys::KeyHash;
 
+pub use crate::error::AuthError;
+
 /// Tier index into the snapshot's tier table.
 pub type TierId = usize;
 
@@ -76,36 +78,6 @@ impl Identity {
             tier: ANONYMOUS,
             roles: NO_ROLES.with(Arc::clone),
             method: Method::None,
-        }
-    }
-}
-
-/// Why a request was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthError {
-    /// 401: no credential where one is needed.
-    Missing,
-    /// 401: more than one credential.
-    Ambiguous,
-    /// 401: an API key that is not valid (unknown, revoked, expired, malformed).
-    InvalidKey,
-    /// 401: a token that is not valid.
-    InvalidToken(jwt::TokenError),
-    /// 403: authenticated, but without a required role.
-    Forbidden,
-    /// 503: an issued key cannot be checked because Redis is unreachable.
-    Unavailable,
-}
-
-impl AuthError {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Missing => "missing_credentials",
-            Self::Ambiguous => "ambiguous_credentials",
-            Self::InvalidKey => "invalid_key",
-            Self::InvalidToken(t) => t.reason(),
-            Self::Forbidden => "forbidden",
-            Self::Unavailable => "auth_unavailable",
         }
     }
 }

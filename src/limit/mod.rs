@@ -14,13 +14,14 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
 pub use algo::{Algo, Decision};
 
-use crate::fields::{self, Field};
+use crate::clock::UnixMs;
+use crate::http::fields::{self, Field};
 use crate::identity::{Identity, TierId};
 use crate::metrics;
 use crate::store::Store;
@@ -163,13 +164,6 @@ pub enum Outcome {
     },
     /// Redis failed and `on_failure: deny`.
     Unavailable,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The limiter: in-process state and Redis helpers, shared by every snapshot.
@@ -327,7 +321,7 @@ impl Limiter {
                 key.render()
             )
         };
-        let now = now_ms();
+        let now = UnixMs::now().0;
         let decision = match (settings.mode, store) {
             (Mode::Local, _) | (_, None) => Some(self.local.decide(hash, algo, now)),
             (Mode::Batched, Some(store)) if matches!(algo, Algo::SlidingWindow { .. }) => {

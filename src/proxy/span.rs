@@ -6,7 +6,8 @@ use std::time::SystemTime;
 
 use pingora_proxy::Session;
 
-use super::{request_host, Ctx};
+use super::ctx::Ctx;
+use crate::http::rules::request_host;
 use crate::otlp::{Exporter, Finished};
 
 const H_TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
@@ -48,7 +49,7 @@ pub(super) fn finish(exporter: &Exporter, session: &Session, ctx: &Ctx, status: 
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip()),
-        route: ctx.route.map(|i| snapshot.routes[i].name.clone()),
+        route: ctx.route().map(|r| r.route.name.clone()),
         upstream: upstream.map(|u| u.spec.name.clone()),
         backend: ctx
             .current

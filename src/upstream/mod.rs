@@ -8,14 +8,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
 use pingora_load_balancing::selection::{
     BackendIter, BackendSelection, Consistent, Random, RoundRobin,
 };
 use pingora_load_balancing::Backend;
 
-use crate::breaker::{self, Admit, BreakerSpec, BudgetSpec, Outcome, RetryBudget, State};
-use crate::health::BackendState;
+pub mod backend;
+pub mod breaker;
+pub mod health;
+mod spec;
+
+pub use spec::{BackendSpec, Balance, HashKey, HealthKind, HealthSpec, Timeouts, UpstreamSpec};
+
+use backend::BackendState;
+use breaker::{Admit, Outcome, RetryBudget, State};
+
+use crate::clock::MonoMs;
 use crate::metrics;
 
 /// A plain-HTTP peer for `addr` with every timeout set (pingora's defaults are none), none
@@ -32,86 +40,6 @@ pub fn peer(
     peer.options.write_timeout = Some(t.write.min(remaining));
     peer.options.idle_timeout = Some(t.idle);
     peer
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamSpec {
-    pub name: Arc<str>,
-    pub backends: Vec<BackendSpec>,
-    pub balance: Balance,
-    pub health: Option<HealthSpec>,
-    pub timeouts: Timeouts,
-    /// Total tries per request, first included (>= 1).
-    pub attempts: usize,
-    pub retry_on: Vec<u16>,
-    pub budget: BudgetSpec,
-    pub backoff: Duration,
-    pub backoff_max: Duration,
-    pub breaker: Option<BreakerSpec>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackendSpec {
-    pub addr: SocketAddr,
-    pub weight: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Balance {
-    RoundRobin,
-    Random,
-    ConsistentHash(HashKey),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HashKey {
-    Header(HeaderName),
-    ClientIp,
-    Path,
-}
-
-impl HashKey {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "client_ip" => Ok(Self::ClientIp),
-            "path" => Ok(Self::Path),
-            _ => match text.strip_prefix("header:") {
-                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
-                    .map(Self::Header)
-                    .map_err(|_| format!("invalid header name {name:?}")),
-                None => Err(format!(
-                    "unknown hash key {text:?}: expected `header:NAME`, `client_ip` or `path`"
-                )),
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthSpec {
-    pub kind: HealthKind,
-    pub path: String,
-    pub host: Option<String>,
-    pub expect_status: Vec<u16>,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy_after: u32,
-    pub unhealthy_after: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HealthKind {
-    Http,
-    Tcp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub read: Duration,
-    pub write: Duration,
-    pub total: Duration,
-    pub idle: Duration,
 }
 
 enum Selector {
@@ -173,7 +101,7 @@ impl Upstream {
     }
 
     /// Healthy, and its breaker would let a request through.
-    fn usable(&self, i: usize, now: u64) -> bool {
+    fn usable(&self, i: usize, now: MonoMs) -> bool {
         let b = &self.backends[i];
         b.is_healthy()
             && self
@@ -185,16 +113,16 @@ impl Upstream {
 
     pub fn any_healthy(&self) -> bool {
         let now = if self.spec.breaker.is_some() {
-            breaker::now_ms()
+            MonoMs::now()
         } else {
-            0
+            MonoMs::default()
         };
         (0..self.backends.len()).any(|i| self.usable(i, now))
     }
 
     /// Seconds until an open breaker lets a probe through (for Retry-After), at least 1.
     pub fn retry_after_secs(&self) -> u64 {
-        let now = breaker::now_ms();
+        let now = MonoMs::now();
         let soonest = self
             .backends
             .iter()
@@ -218,9 +146,9 @@ impl Upstream {
             };
         }
         let now = if self.spec.breaker.is_some() {
-            breaker::now_ms()
+            MonoMs::now()
         } else {
-            0
+            MonoMs::default()
         };
         let probe = std::cell::Cell::new(false);
         let accept = |i: usize| {
@@ -267,9 +195,9 @@ impl Upstream {
     /// Is there a usable backend this request has not tried?
     pub fn has_untried(&self, tried: &[u16]) -> bool {
         let now = if self.spec.breaker.is_some() {
-            breaker::now_ms()
+            MonoMs::now()
         } else {
-            0
+            MonoMs::default()
         };
         (0..self.backends.len()).any(|i| !tried.contains(&(i as u16)) && self.usable(i, now))
     }
@@ -292,7 +220,7 @@ impl Upstream {
         };
         if let Some(state) = b
             .breaker
-            .record(spec, outcome, probe, breaker::now_ms(), may_open)
+            .record(spec, outcome, probe, MonoMs::now(), may_open)
         {
             self.report(i, state, Some(outcome));
         }
@@ -338,6 +266,7 @@ fn first_accepted(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use breaker::BudgetSpec;
 
     fn spec(balance: Balance, weights: &[usize]) -> UpstreamSpec {
         UpstreamSpec {

@@ -1,18 +1,14 @@
 //! Circuit breakers, one per backend, and the retry budget, one per upstream. Both are read on
 //! the request path through atomics only (no lock); a breaker's transitions use compare-and-swap
 //! so exactly one request performs each, logs it and counts it. Their state lives in the health
-//! book's entries (keyed by upstream and address) and in the budget registry (keyed by upstream),
-//! so it survives reloads. Neither ever blocks or answers a client.
+//! registry (`state`: keyed by upstream and address, and by upstream), so it survives reloads.
+//! Their times are monotonic milliseconds ([`MonoMs`]): a wall-clock step never opens or closes
+//! a breaker. Neither ever blocks or answers a client.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::clock::MonoMs;
 
 /// What went wrong with one attempt (or `Success`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +159,8 @@ impl Breaker {
     }
 
     /// Lock-free: may this backend take a request now?
-    pub fn admit(&self, spec: &BreakerSpec, now: u64) -> Admit {
+    pub fn admit(&self, spec: &BreakerSpec, now: MonoMs) -> Admit {
+        let now = now.0;
         match self.state() {
             State::Closed => Admit::Yes,
             State::Open => {
@@ -215,7 +212,8 @@ impl Breaker {
     }
 
     /// Would `admit` refuse right now (without taking a probe slot)?
-    pub fn blocks(&self, spec: &BreakerSpec, now: u64) -> bool {
+    pub fn blocks(&self, spec: &BreakerSpec, now: MonoMs) -> bool {
+        let now = now.0;
         match self.state() {
             State::Closed => false,
             State::Open => now < self.open_until.load(Ordering::Relaxed),
@@ -224,7 +222,8 @@ impl Breaker {
     }
 
     /// Milliseconds until an open breaker lets a probe through.
-    pub fn opens_in(&self, now: u64) -> u64 {
+    pub fn opens_in(&self, now: MonoMs) -> u64 {
+        let now = now.0;
         match self.state() {
             State::Open => self.open_until.load(Ordering::Relaxed).saturating_sub(now),
             _ => 0,
@@ -238,9 +237,10 @@ impl Breaker {
         spec: &BreakerSpec,
         outcome: Outcome,
         probe: bool,
-        now: u64,
+        now: MonoMs,
         may_open: impl Fn() -> bool,
     ) -> Option<State> {
+        let now = now.0;
         let failed = spec.is_failure(outcome);
         let slice = (spec.window.as_millis() as u64 / BUCKETS as u64).max(1);
         match self.state() {
@@ -333,12 +333,14 @@ impl RetryBudget {
         (spec.window.as_millis() as u64 / BUCKETS as u64).max(1)
     }
 
-    pub fn record_request(&self, spec: &BudgetSpec, now: u64) {
+    pub fn record_request(&self, spec: &BudgetSpec, now: MonoMs) {
+        let now = now.0;
         self.requests.add(now, Self::slice(spec), false);
     }
 
     /// Take one retry from the budget, if it allows.
-    pub fn try_retry(&self, spec: &BudgetSpec, now: u64) -> bool {
+    pub fn try_retry(&self, spec: &BudgetSpec, now: MonoMs) -> bool {
+        let now = now.0;
         let slice = Self::slice(spec);
         let (requests, _) = self.requests.sums(now, slice);
         let (retries, _) = self.retries.sums(now, slice);
@@ -377,7 +379,7 @@ mod tests {
     fn opens_on_rate_then_half_opens_and_closes() {
         let b = Breaker::default();
         let s = spec();
-        let t = 1_000_000;
+        let t = MonoMs(1_000_000);
         for _ in 0..5 {
             assert_eq!(b.record(&s, Outcome::Success, false, t, || true), None);
         }
@@ -417,7 +419,7 @@ mod tests {
         let b = Breaker::default();
         let mut s = spec();
         s.consecutive_failures = 3;
-        let t = 2_000_000;
+        let t = MonoMs(2_000_000);
         for _ in 0..2 {
             assert_eq!(b.record(&s, Outcome::Connect, false, t, || true), None);
         }
@@ -438,14 +440,17 @@ mod tests {
         let b = Breaker::default();
         let mut s = spec();
         s.consecutive_failures = 1;
-        assert_eq!(b.record(&s, Outcome::Status(404), false, 10, || true), None);
         assert_eq!(
-            b.record(&s, Outcome::Status(500), false, 10, || false),
+            b.record(&s, Outcome::Status(404), false, MonoMs(10), || true),
+            None
+        );
+        assert_eq!(
+            b.record(&s, Outcome::Status(500), false, MonoMs(10), || false),
             None
         );
         assert_eq!(b.state(), State::Closed);
         assert_eq!(
-            b.record(&s, Outcome::Status(500), false, 10, || true),
+            b.record(&s, Outcome::Status(500), false, MonoMs(10), || true),
             Some(State::Open)
         );
     }
@@ -458,7 +463,7 @@ mod tests {
             min_per_sec: 1,
             window: Duration::from_secs(10),
         };
-        let t = 5_000_000;
+        let t = MonoMs(5_000_000);
         // Floor: 10 retries in a 10 s window with no traffic.
         let floor = (0..50).filter(|_| budget.try_retry(&spec, t)).count();
         assert_eq!(floor, 10);

@@ -1,0 +1,103 @@
+//! What goes back to the client: the backend's response head cleaned of hop-by-hop fields
+//! with Tollgate's fields added (request id, rate-limit fields), and the gateway's own answers
+//! — a refusal before going upstream, and the one mapping of a failed request to its JSON
+//! error answer (`error::respond_with`) or a stale cached response.
+
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{FailToProxy, Session};
+
+use super::admit::malformed;
+use super::caching;
+use super::ctx::Ctx;
+use super::fields::{add_fields, error_fields};
+use crate::error::{self, GatewayError};
+use crate::http::rules::clean_response;
+
+/// The backend's response head on its way to the client.
+pub fn response_head(
+    session: &Session,
+    upstream_response: &mut ResponseHeader,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    let upgraded = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+        && session.is_upgrade_req();
+    clean_response(
+        upstream_response,
+        upgraded,
+        ctx.snapshot.server.hide_backend_server,
+    );
+    if ctx.cache.is_some() {
+        caching::capture(session, upstream_response, ctx)?;
+    }
+    add_fields(upstream_response, ctx)
+}
+
+/// Refuse the request before it goes upstream: its JSON error answer. Answered before any body
+/// is read: the connection closes unless there is no body, and always when the framing is in
+/// doubt.
+pub async fn refuse(session: &mut Session, ctx: &mut Ctx, err: GatewayError) -> Result<()> {
+    ctx.error = Some(err);
+    let close = !session.is_body_empty() || malformed(session);
+    let extra = error_fields(session, ctx);
+    error::respond_with(
+        session,
+        err,
+        &ctx.request_id,
+        close,
+        &extra,
+        ctx.snapshot.server.header_case,
+    )
+    .await
+}
+
+/// The request failed (pingora's `fail_to_proxy`): the ONE place a failure becomes an answer —
+/// nothing when the client is gone, a stale cached response when the route keeps one
+/// (stale-if-error), else the error's JSON answer.
+pub async fn failed(session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    let err = ctx.error.unwrap_or_else(|| GatewayError::from_pingora(e));
+    ctx.error = Some(err);
+    let downstream_gone = matches!(
+        e.etype(),
+        ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+    ) && e.esource() == &ErrorSource::Downstream;
+    if downstream_gone {
+        return FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        };
+    }
+    // stale-if-error: an old cached response answers instead of the error.
+    if session.response_written().is_none()
+        && ctx.cache.as_ref().is_some_and(|c| c.fallback.is_some())
+    {
+        ctx.error = None;
+        match caching::answer_stale(session, ctx).await {
+            Ok(_) => {
+                log::info!(
+                    "upstream failed ({}); served a stale cached response",
+                    err.code()
+                );
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            Err(we) => log::debug!("could not send the stale response: {we}"),
+        }
+    }
+    if session.response_written().is_none() {
+        let extra = error_fields(session, ctx);
+        let case = ctx.snapshot.server.header_case;
+        if let Err(we) =
+            error::respond_with(session, err, &ctx.request_id, true, &extra, case).await
+        {
+            log::debug!("could not send error response: {we}");
+        }
+    }
+    log::warn!("request failed: {} ({e})", err.code());
+    FailToProxy {
+        error_code: err.status(),
+        can_reuse_downstream: false,
+    }
+}

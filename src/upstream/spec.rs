@@ -1,0 +1,91 @@
+//! What the config says of an upstream, compiled: its backends, balancing, health check,
+//! timeouts, retries and breaker. Plain data, built by `config` and read by the rest of
+//! `upstream`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::breaker::{BreakerSpec, BudgetSpec};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamSpec {
+    pub name: Arc<str>,
+    pub backends: Vec<BackendSpec>,
+    pub balance: Balance,
+    pub health: Option<HealthSpec>,
+    pub timeouts: Timeouts,
+    /// Total tries per request, first included (>= 1).
+    pub attempts: usize,
+    pub retry_on: Vec<u16>,
+    pub budget: BudgetSpec,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    pub breaker: Option<BreakerSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    Random,
+    ConsistentHash(HashKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(HeaderName),
+    ClientIp,
+    Path,
+}
+
+impl HashKey {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "client_ip" => Ok(Self::ClientIp),
+            "path" => Ok(Self::Path),
+            _ => match text.strip_prefix("header:") {
+                Some(name) => HeaderName::from_bytes(name.trim().as_bytes())
+                    .map(Self::Header)
+                    .map_err(|_| format!("invalid header name {name:?}")),
+                None => Err(format!(
+                    "unknown hash key {text:?}: expected `header:NAME`, `client_ip` or `path`"
+                )),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub kind: HealthKind,
+    pub path: String,
+    pub host: Option<String>,
+    pub expect_status: Vec<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub total: Duration,
+    pub idle: Duration,
+}
