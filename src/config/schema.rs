@@ -94,8 +94,8 @@ pub struct ServerSection {
     pub hide_backend_server: bool,
     /// Keep the backend's spelling of response field names on HTTP/1 (and spell Tollgate's own
     /// as documented) where Tollgate adds fields; off: a dozen common names capitalised
-    /// (Content-Type, Date, ...), others lowercase, and ~1.3k fewer instructions per added
-    /// field (see `fields`).
+    /// (Content-Type, Date, ...), others lowercase, and cheaper per added field (see
+    /// `http::fields` and the `limit/fields_*` criterion benches).
     #[serde(default)]
     pub preserve_header_case: bool,
     /// Continue or start W3C trace context (traceparent) on upstream requests.
