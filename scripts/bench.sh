@@ -11,7 +11,8 @@
 #
 # Other knobs (env): CONNECTIONS=64 WRK_THREADS=1 WARMUP=1s PROXY_CPU=1 LOAD_CPU=0
 #   UPSTREAM_CPU=<LOAD_CPU on 2 cores, else 2> REDIS_CPU=<UPSTREAM_CPU>
-#   BUILD=1 (0 = reuse the binaries already built) CARGO_TARGET_DIR (honoured, as cargo does).
+#   BUILD=1 (0 = reuse the binaries already built; tools/bench-report is still built if missing)
+#   CARGO_TARGET_DIR (honoured, as cargo does).
 #   KEEP_WORK=0 (1 = keep the scratch directory: configs, server logs, raw wrk outputs).
 #   COUNT=cpu (default: CPU time per request from /proc, under wrk's saturating load) or
 #   COUNT=instructions: the pingora-based proxies (reference and the Tollgate runs) run under
@@ -42,6 +43,10 @@
 # so shown apart and added in its own ratio). Both tables are also written as markdown to
 # BENCH_OUT (default run/bench.md; run/ is gitignored).
 #
+# This script runs things: tools, builds, ports, servers, pinning, wrk and valgrind, one row of
+# counts per run in a results file. The arithmetic, the statistics (medians, per-round paired
+# ratios) and the markdown are tools/bench-report's, a small unit-tested program built here too.
+#
 # Core layout: the proxy under test gets a core of its own (PROXY_CPU); wrk and the upstream
 # share the other (LOAD_CPU). On a 2-core machine that is the only split that keeps the proxy's
 # CPU time clean: the proxy is what we measure, and wrk + upstream NGINX are cheap per request
@@ -57,6 +62,8 @@ set -euo pipefail
 # Settings
 # ---------------------------------------------------------------------------------------------
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
@@ -90,6 +97,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
 # proxy round rps p50_us p99_us cpu_us_per_req requests socket_errors non_2xx
 #   redis_cpu_us_per_req redis_fallbacks ("-" for the runs without Redis) steal_percent
+# (tab-separated; tools/bench-report reads it: see its src/results.rs)
 RESULTS="$WORK/results.tsv"
 declare -A PROXY_PID=()     # proxy name -> pid of the process we started (the tree root)
 declare -A PROXY_PORT=()    # proxy name -> listening port
@@ -154,41 +162,33 @@ trap 'exit 143' TERM
 # Tools and builds
 # ---------------------------------------------------------------------------------------------
 
-# Install what is missing when we can (root + apt-get), otherwise say what to install.
+# Install what is missing when we can (lib.sh's ensure_packages: root + apt-get), otherwise say
+# what to install.
 ensure_tools() {
-    local -A pkg_of=([nginx]=nginx [haproxy]=haproxy [wrk]=wrk [cmake]=cmake [curl]=curl
-        [python3]=python3 [taskset]=util-linux [cargo]=)
-    if needs_redis; then pkg_of+=([redis-server]=redis-server [redis-cli]=redis-tools); fi
-    if [[ $COUNT == instructions ]]; then pkg_of+=([valgrind]=valgrind [callgrind_control]=valgrind); fi
-    local tool missing=() pkgs=()
-    for tool in "${!pkg_of[@]}"; do
-        command -v "$tool" >/dev/null 2>&1 && continue
-        missing+=("$tool")
-        [[ -n ${pkg_of[$tool]} ]] && pkgs+=("${pkg_of[$tool]}")
-    done
-    ((${#missing[@]})) || return 0
-    if ((${#pkgs[@]})) && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        log "installing: ${pkgs[*]}"
-        apt-get update -q >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >&2
-        # The Debian nginx and redis-server packages start system services (ports 80, 6379):
-        # we never use them, stop them so they do not compete for the cores.
-        if command -v systemctl >/dev/null 2>&1; then
-            [[ " ${pkgs[*]} " == *" nginx "* ]] && { systemctl stop nginx 2>/dev/null || true; }
-            [[ " ${pkgs[*]} " == *" redis-server "* ]] && { systemctl stop redis-server 2>/dev/null || true; }
-        fi
+    local tools=(nginx:nginx haproxy:haproxy wrk:wrk cmake:cmake curl:curl taskset:util-linux)
+    local services=() service
+    command -v cargo >/dev/null 2>&1 || die "missing tool: cargo (install Rust: https://rustup.rs)"
+    if needs_redis; then tools+=(redis-server:redis-server redis-cli:redis-tools); fi
+    if [[ $COUNT == instructions ]]; then tools+=(valgrind:valgrind callgrind_control:valgrind); fi
+    # The Debian nginx and redis-server packages start system services (ports 80, 6379): we never
+    # use them, so the ones installed now are stopped, not to compete for the cores.
+    command -v nginx >/dev/null 2>&1 || services+=(nginx)
+    if needs_redis && ! command -v redis-server >/dev/null 2>&1; then services+=(redis-server); fi
+    ensure_packages "${tools[@]}" >&2 || die "missing tools (see above)"
+    if ((${#services[@]})) && command -v systemctl >/dev/null 2>&1; then
+        for service in "${services[@]}"; do systemctl stop "$service" 2>/dev/null || true; done
     fi
-    for tool in "${missing[@]}"; do
-        command -v "$tool" >/dev/null 2>&1 || die "missing tool: $tool (install it, or run as root on Debian/Ubuntu)"
-    done
 }
 
-# Build both binaries with the release profile of the root Cargo.toml (fat LTO, 1 codegen unit,
-# mimalloc in both), at low priority so a build never starves other work on the machine.
+# Build the binaries with the release profile of the root Cargo.toml (fat LTO, 1 codegen unit,
+# mimalloc in tollgate and the reference proxy), at low priority so a build never starves other
+# work on the machine. bench-report comes first (plain std, seconds; `cargo run` builds it when
+# missing or stale, BUILD=0 or not): it says where cargo puts binaries (CARGO_TARGET_DIR, a
+# config's build.target-dir, or target/).
 build() {
     local target_dir
-    target_dir=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+    target_dir=$(cd "$REPO" && nice -n 19 cargo run --release -p bench-report -- target-dir)
+    BENCH_REPORT="$target_dir/release/bench-report"
     TOLLGATE_BIN="$target_dir/release/tollgate"
     REFERENCE_BIN="$target_dir/release/examples/reference_proxy"
     if [[ $BUILD != 0 ]]; then
@@ -201,17 +201,7 @@ build() {
 
 # N distinct free TCP ports, chosen by the kernel (bind port 0). All sockets stay open until all
 # ports are known, so the N ports differ from each other.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
+free_ports() { "$BENCH_REPORT" free-ports "$1"; }
 
 # ---------------------------------------------------------------------------------------------
 # Servers. Each runs in the foreground of its own background job, pinned with taskset (which
@@ -530,9 +520,7 @@ parse_wrk() {
 }
 
 # CPU microseconds per request from a clock-tick delta. Usage: per_req TICKS REQUESTS
-per_req() {
-    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", t * 1000000 / hz / n }'
-}
+per_req() { "$BENCH_REPORT" cpu-per-request "$1" "$CLK_TCK" "$2"; }
 
 # One measured run of one proxy: warm-up (fills connection pools), then wrk with CPU sampled
 # around it (the proxy's, and Redis's for the runs that use it). Appends a line to $RESULTS and
@@ -554,8 +542,7 @@ run_one() {
     out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
     read -r stat_total1 stat_steal1 <<<"$(cpu_stat)"
     after=$(cpu_ticks "$pid")
-    steal=$(awk -v s=$((stat_steal1 - stat_steal0)) -v t=$((stat_total1 - stat_total0)) \
-        'BEGIN { printf "%.1f", (t > 0 ? 100 * s / t : 0) }')
+    steal=$("$BENCH_REPORT" steal-percent $((stat_steal1 - stat_steal0)) $((stat_total1 - stat_total0)))
     if uses_redis "$name"; then
         redis_after=$(cpu_ticks "$REDIS_PID")
         # shellcheck disable=SC2046
@@ -623,165 +610,55 @@ run_one_instructions() {
     read -r rps p50 p99 requests errors non2xx <<<"$parsed"
     ((requests > 0)) || die "$name: wrk completed no requests"
     ((ir > 0)) || die "$name: no callgrind dump"
-    per=$(awk -v i="$ir" -v z="$idle_ir" -v n="$requests" 'BEGIN { printf "%.0f", (i - z) / n }')
+    per=$("$BENCH_REPORT" instructions-per-request "$ir" "$idle_ir" "$requests")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t-\n' "$name" "$round" "$rps" "$p50" "$p99" \
         "$per" "$requests" "$errors" "$non2xx" >>"$RESULTS"
     log "$(printf 'round %s  %-19s %6s requests  %8s instructions/req  errors %s  non-2xx %s' \
         "$round" "$name" "$requests" "$per" "$errors" "$non2xx")"
 }
 
-# COUNT=instructions: medians of instructions per request, and the ratios to the reference.
-report_instructions() {
-    local name per ref plain
-    ref=$(median reference 6)
-    plain=$(median tollgate-plain 6)
-    cat <<EOF
-# Tollgate instructions per request (callgrind)
-
-- $(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo ' (dirty)'), pingora 0.9.1, release profile (fat LTO, 1 codegen unit, mimalloc)
-- each proxy under \`valgrind --tool=callgrind\`; counters zeroed after a $WARMUP warm-up, then wrk -t1 -c$CONNECTIONS -d$DURATION; $ROUNDS round(s), medians shown
-- instructions/req = (instructions executed by every thread of the proxy over the run − the same over as long idle just before) / requests completed
-
-| proxy | requests | instructions/req | vs reference | vs tollgate-plain |
-|---|---:|---:|---:|---:|
-EOF
-    for name in "${PROXIES[@]}"; do
-        per=$(median "$name" 6)
-        awk -v n="$name" -v per="$per" -v r="$ref" -v p="$plain" -v req="$(total "$name" 7)" '
-            function ratio(a, b) { return b > 0 ? sprintf("%.3f×", a / b) : "n/a" }
-            BEGIN { printf "| %s | %d | %.0f | %s | %s |\n", n, req, per, ratio(per, r), ratio(per, p) }'
-    done
+# A tool's version, for the report (wrk -v exits 1: a version never fails the script).
+version_of() {
+    case $1 in
+    nginx) nginx -v 2>&1 | sed 's/^nginx version: //' ;;
+    haproxy) haproxy -v | awk 'NR == 1 { print $3 }' ;;
+    wrk) wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }' ;;
+    redis-server) redis-server --version | awk '{ sub(/^v=/, "", $3); print $3 }' ;;
+    esac || true
 }
 
-# Median of a column (1-based, of $RESULTS) for one proxy; empty when the proxy did not run.
-median() {
-    awk -F'\t' -v p="$1" -v c="$2" '$1 == p { print $c }' "$RESULTS" | sort -g |
-        awk '{ v[NR] = $1 }
-            END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+# The commit measured: its short hash, and " (dirty)" when the work tree differs from it.
+commit_measured() {
+    local commit dirty=
+    commit=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null) || commit='?'
+    (cd "$REPO" && git diff --quiet HEAD 2>/dev/null) || dirty=' (dirty)'
+    echo "$commit$dirty"
 }
 
-# Median over rounds of a per-round comparison of proxy A with proxy B on column COL (1-based, of
-# $RESULTS; "6+10" adds Redis's CPU to the proxy's): MODE ratio gives A/B, diff gives A-B. Both
-# ran in the same round, minutes apart at most, so drift in the machine's speed between rounds
-# (seen here: tens of percent from one minute to the next) hits both alike; the median of these
-# paired figures is steadier than a ratio of medians. Usage: paired MODE A B COL
-paired() {
-    awk -F'\t' -v mode="$1" -v a="$2" -v b="$3" -v col="$4" '
-        function val() { return col == "6+10" ? $6 + ($10 == "-" ? 0 : $10) : $col }
-        $1 == a { x[$2] = val() }
-        $1 == b { y[$2] = $col }
-        END {
-            for (r in x) {
-                if (!(r in y)) continue
-                if (mode == "ratio" && y[r] > 0) print x[r] / y[r]
-                if (mode == "diff") print x[r] - y[r]
-            }
-        }' "$RESULTS" | sort -g |
-        awk '{ v[NR] = $1 }
-            END { if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-
-# Sum of a column (1-based, of $RESULTS) for one proxy.
-total() {
-    awk -F'\t' -v p="$1" -v c="$2" '$1 == p { s += $c } END { print s + 0 }' "$RESULTS"
-}
-
-# The markdown report: settings, medians per proxy with the ratios, then the rate limiter's cost.
+# The markdown report of $RESULTS (tools/bench-report renders it): COUNT=cpu gives medians per
+# proxy with the ratios, then the rate limiter's cost; COUNT=instructions gives instructions per
+# request. The program is told what the results do not hold: when, which commit, the settings,
+# and for COUNT=cpu the machine, the tools' versions and how often each Redis run's log says it
+# lost Redis over the whole benchmark (the results count the losses during measured runs).
 report() {
-    local name rps p50 p99 cpu errs non2xx redis
-    local measured idle
-    cat <<EOF
-# Tollgate whole-gateway benchmark
-
-- $(date -u '+%Y-%m-%d %H:%M UTC'), tollgate $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo ' (dirty)')
-- $(nproc) cores ($(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)); proxy on CPU $PROXY_CPU, wrk on CPU $LOAD_CPU, upstream on CPU $UPSTREAM_CPU$(needs_redis && echo ", Redis on CPU $REDIS_CPU")
-- wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (after a $WARMUP warm-up), $ROUNDS interleaved round(s); medians shown
-- $(nginx -v 2>&1 | sed 's/^nginx version: //'), HAProxy $(haproxy -v | awk 'NR == 1 { print $3 }'), $(wrk -v 2>&1 | awk 'NR == 1 { print $1, $2 }'), pingora 0.9.1$(needs_redis && redis-server --version | awk '{ sub(/^v=/, "", $3); print ", Redis " $3 }')
-- CPU/req = utime+stime of all the proxy's processes over the run / requests completed
-- the ratio columns are medians over rounds of the ratio within each round (see \`paired\` in the script)
-
-| proxy | req/s | p50 ms | p99 ms | CPU µs/req | CPU vs NGINX | CPU vs reference | p99 vs reference | steal % (max) | socket errors | non-2xx |
-|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-EOF
-    for name in "${PROXIES[@]}"; do
-        rps=$(median "$name" 3)
-        p50=$(median "$name" 4)
-        p99=$(median "$name" 5)
-        cpu=$(median "$name" 6)
-        errs=$(total "$name" 8)
-        non2xx=$(total "$name" 9)
-        awk -v n="$name" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v cpu="$cpu" -v e="$errs" \
-            -v x="$non2xx" -v vn="$(paired ratio "$name" nginx 6)" \
-            -v vr="$(paired ratio "$name" reference 6)" -v pr="$(paired ratio "$name" reference 5)" \
-            -v st="$(awk -F'\t' -v p="$name" '$1 == p && $12 > m { m = $12 } END { print m + 0 }' "$RESULTS")" '
-            function ratio(v) { return v != "" ? sprintf("%.2f×", v) : "n/a" }
-            BEGIN {
-                printf "| %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %s | %.1f | %d | %d |\n",
-                    n, rps, p50 / 1000, p99 / 1000, cpu, ratio(vn), ratio(vr), ratio(pr), st, e, x
-            }'
-    done
-
-    local worst
-    worst=$(awk -F'\t' '$12 > m { m = $12 } END { print m + 0 }' "$RESULTS")
-    if awk -v w="$worst" 'BEGIN { exit !(w > 5) }'; then
-        cat <<EOF
-
-**The hypervisor took up to ${worst}% of the machine's CPU time during some runs** (steal): those runs
-measured a slower machine, and CPU/req there is inflated by cache and scheduling effects. Compare
-within a round, or count instructions instead (\`COUNT=instructions\`), which steal does not change.
-EOF
+    local name args
+    args=(--proxies "${PROXIES[*]}" --date "$(date -u '+%Y-%m-%d %H:%M UTC')" --commit "$(commit_measured)"
+        --warmup "$WARMUP" --connections "$CONNECTIONS" --duration "$DURATION" --rounds "$ROUNDS")
+    if [[ $COUNT == instructions ]]; then
+        "$BENCH_REPORT" report-instructions "$RESULTS" "${args[@]}"
+        return
     fi
-
-    [[ " ${PROXIES[*]} " == *" tollgate-rl-"* ]] || return 0
-    cat <<EOF
-
-## Rate limiter cost (vs plain Tollgate)
-
-- Each run is plain Tollgate plus \`tiers: { anonymous: { limit: $RL_LIMIT, window: 1m } }\`, a limit never reached: every request is counted (one counter: anonymous callers are keyed by client IP, and wrk is one client) and allowed. local: no \`redis:\` section; exact: \`redis: { timeout: 50ms }\`, \`rate_limit: { mode: exact }\`; batched: \`rate_limit: { mode: batched, sync_interval: 100ms }\`.
-- Redis CPU/req = utime+stime of the private redis-server over the run / requests completed. It is not in the proxy's CPU/req; "CPU+Redis" adds it. It includes the idle chores of the other Redis-backed Tollgate (1 s heartbeat, 100 ms batched sync), a few calls per second.
-- Targets (issue): local CPU/req ≤ 1.1× plain Tollgate, batched ≤ 1.2×, exact p99 within 1 ms of plain Tollgate.
-
-| run | CPU µs/req | Redis CPU µs/req | CPU vs tollgate | CPU+Redis vs tollgate | p99 ms | p99 vs tollgate | target |
-|---|---:|---:|---:|---:|---:|---:|---|
-EOF
-    for name in "${PROXIES[@]}"; do
-        [[ $name == tollgate-rl-* ]] || continue
-        p99=$(median "$name" 5)
-        cpu=$(median "$name" 6)
-        redis=-
-        uses_redis "$name" && redis=$(median "$name" 10)
-        awk -v n="$name" -v p99="$p99" -v cpu="$cpu" -v r="$redis" \
-            -v vt="$(paired ratio "$name" tollgate 6)" -v vtr="$(paired ratio "$name" tollgate 6+10)" \
-            -v dp="$(paired diff "$name" tollgate 5)" '
-            function ratio(v) { return v != "" ? sprintf("%.2f×", v) : "n/a" }
-            function verdict(ok) { return ok ? "met" : "**missed**" }
-            BEGIN {
-                have = vt != "" && dp != ""
-                dp99 = dp / 1000
-                if (n == "tollgate-rl-local")   target = sprintf("CPU ≤ 1.1×: %s", have ? verdict(vt <= 1.1) : "n/a")
-                if (n == "tollgate-rl-batched") target = sprintf("CPU ≤ 1.2×: %s", have ? verdict(vt <= 1.2) : "n/a")
-                if (n == "tollgate-rl-exact")   target = sprintf("p99 ≤ +1 ms: %s", have ? verdict(dp99 <= 1) : "n/a")
-                printf "| %s | %.2f | %s | %s | %s | %.3f | %s | %s |\n",
-                    n, cpu, r == "-" ? "—" : sprintf("%.2f", r), ratio(vt), ratio(vtr), p99 / 1000,
-                    have ? sprintf("%+.3f ms", dp99) : "n/a", target
-            }'
-    done
-    # A Redis-backed run that lost Redis counted locally for a while: say so next to its numbers.
-    # Losses while another run had the cores are told apart: they do not touch this run's numbers.
-    if needs_redis; then echo; fi
-    for name in "${PROXIES[@]}"; do
-        uses_redis "$name" || continue
-        measured=$(total "$name" 11)
-        idle=$(($(fallbacks_logged "$name") - measured))
-        if ((measured)); then
-            echo "- **WARNING: $name lost Redis $measured time(s) during its measured runs**: it counted locally for a while, so its numbers are partly local mode."
-        else
-            echo "- $name: Redis answered throughout its measured runs."
-        fi
-        if ((idle)); then
-            echo "- $name lost Redis $idle time(s) outside its measured runs (idle, while other runs loaded the cores; \`timeout: 50ms\`)."
-        fi
-    done
+    args+=(--cores "$(nproc)" --cpu-model "$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
+        --proxy-cpu "$PROXY_CPU" --load-cpu "$LOAD_CPU" --upstream-cpu "$UPSTREAM_CPU"
+        --redis-cpu "$REDIS_CPU" --wrk-threads "$WRK_THREADS" --rl-limit "$RL_LIMIT"
+        --nginx "$(version_of nginx)" --haproxy "$(version_of haproxy)" --wrk "$(version_of wrk)")
+    if needs_redis; then
+        args+=(--redis "$(version_of redis-server)")
+        for name in "${PROXIES[@]}"; do
+            if uses_redis "$name"; then args+=(--redis-losses "$name=$(fallbacks_logged "$name")"); fi
+        done
+    fi
+    "$BENCH_REPORT" report "$RESULTS" "${args[@]}"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -844,7 +721,7 @@ main() {
     done
 
     mkdir -p "$(dirname "$BENCH_OUT")"
-    if [[ $COUNT == instructions ]]; then report_instructions >"$BENCH_OUT"; else report >"$BENCH_OUT"; fi
+    report >"$BENCH_OUT"
     echo
     cat "$BENCH_OUT"
     echo
