@@ -1,5 +1,5 @@
-//! Prometheus metrics, registered in the default registry that `pingora-prometheus` and the
-//! admin `/metrics` endpoint serve. Label sets are bounded: route and upstream names come from
+//! Prometheus metrics, registered in prometheus's default registry, which the admin `/metrics`
+//! endpoint serves. Label sets are bounded: route and upstream names come from
 //! the config, status is a class (`2xx`); never consumer ids, raw paths or client addresses.
 
 use std::sync::LazyLock;
