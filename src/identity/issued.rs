@@ -16,6 +16,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{self, KeyHash};
+use crate::clock::UnixMs;
 use crate::store::{Store, StoreError, PREFIX};
 
 /// How long a cached positive lookup may be used while Redis is unreachable.
@@ -29,8 +30,20 @@ pub struct IssuedKey {
     pub tier: String,
     pub roles: Vec<String>,
     pub created_at: u64,
-    /// Unix seconds; `None` = never expires.
+    /// The first Unix second at which the key no longer works; `None` = never expires.
+    /// Rounded up from the moment of issue (see [`expiry_secs`]), so a key lives at least the
+    /// `expires_in` it was issued with.
     pub expires_at: Option<u64>,
+}
+
+/// When a key issued at `now_ms` (Unix milliseconds) for `ttl` seconds stops working, in whole
+/// Unix seconds, rounded up: a key issued at 10.999 s for 1 s works until 12 s, never only until
+/// 11 s (1 ms). Redis drops the record itself `ttl` seconds after the issue, which is the
+/// precise end; this bound is what the node-local cache checks.
+pub fn expiry_secs(now_ms: u64, ttl: u64) -> u64 {
+    now_ms
+        .saturating_add(ttl.saturating_mul(1000))
+        .div_ceil(1000)
 }
 
 impl IssuedKey {
@@ -155,14 +168,14 @@ impl IssuedKeys {
     ) -> Result<(String, IssuedKey), StoreError> {
         let plain = keys::generate();
         let hash = keys::hash(&plain);
-        let now = now_secs();
+        let now_ms = UnixMs::now().0;
         let record = IssuedKey {
             id: format!("key_{}", hex::encode(rand::random::<[u8; 8]>())),
             consumer,
             tier,
             roles,
-            created_at: now,
-            expires_at: ttl.map(|t| now + t),
+            created_at: now_ms / 1000,
+            expires_at: ttl.map(|t| expiry_secs(now_ms, t)),
         };
         let json = serde_json::to_string(&record).map_err(|_| StoreError::Failed)?;
         let (rk, ik, id, hex_hash) = (

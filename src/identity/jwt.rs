@@ -225,19 +225,14 @@ impl JwtVerifier {
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(hit) = self.cache.get(&digest) {
-            // Saturating: `exp` comes from the token (u64::MAX, or 1e300 read as a float).
-            if hit.exp.saturating_add(self.leeway) <= now {
-                return Err(TokenError::Expired);
-            }
-            if hit
-                .nbf
-                .is_some_and(|nbf| nbf > now.saturating_add(self.leeway))
-            {
-                return Err(TokenError::NotYetValid);
-            }
+            self.in_time(hit.exp, hit.nbf, now)?;
             return Ok(hit.verified.clone());
         }
         let (verified, exp, nbf) = self.verify_uncached(token)?;
+        // jsonwebtoken accepts `exp == now - leeway` (it refuses only `exp < now - leeway`);
+        // RFC 7519 4.1.4 wants the current time before `exp`. The same check as a cache hit, so
+        // a token's verdict never depends on whether it was cached.
+        self.in_time(exp, nbf, now)?;
         self.cache.insert(
             digest,
             Arc::new(CachedToken {
@@ -247,6 +242,18 @@ impl JwtVerifier {
             }),
         );
         Ok(verified)
+    }
+
+    /// `exp` and `nbf` against `now` (Unix seconds), with the configured leeway.
+    fn in_time(&self, exp: u64, nbf: Option<u64>, now: u64) -> Result<(), TokenError> {
+        // Saturating: `exp` comes from the token (u64::MAX, or 1e300 read as a float).
+        if exp.saturating_add(self.leeway) <= now {
+            return Err(TokenError::Expired);
+        }
+        if nbf.is_some_and(|nbf| nbf > now.saturating_add(self.leeway)) {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(())
     }
 
     fn verify_uncached(&self, token: &str) -> Result<(Verified, u64, Option<u64>), TokenError> {

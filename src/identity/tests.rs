@@ -216,3 +216,26 @@ fn identity_header_spellings() {
         assert!(!is_identity_header(name), "{name}");
     }
 }
+
+#[test]
+fn an_issued_key_lives_at_least_its_expires_in() {
+    use super::issued::{expiry_secs, IssuedKey};
+    let key = |expires_at| IssuedKey {
+        id: "key_1".into(),
+        consumer: "c".into(),
+        tier: "free".into(),
+        roles: Vec::new(),
+        created_at: 10,
+        expires_at,
+    };
+    // Issued at 10.999 s for 1 s: still works at 11 s (and 11.999 s), gone at 12 s.
+    let late = key(Some(expiry_secs(10_999, 1)));
+    assert!(!late.expired(11));
+    assert!(late.expired(12));
+    // Issued on the second: exactly the ttl.
+    let exact = key(Some(expiry_secs(10_000, 5)));
+    assert!(!exact.expired(14));
+    assert!(exact.expired(15));
+    assert!(!key(None).expired(u64::MAX));
+    assert_eq!(expiry_secs(u64::MAX - 5, u64::MAX), u64::MAX.div_ceil(1000));
+}

@@ -375,6 +375,19 @@ fn verified_tokens_are_cached_but_expiry_still_applies() {
     assert_eq!(v.verify(&expired), Err(TokenError::Expired));
 }
 
+/// RFC 7519 4.1.4: the current time must be before `exp` (plus the leeway). jsonwebtoken alone
+/// accepts `exp + leeway == now`; the gateway refuses it, first verification and cache hit alike.
+#[test]
+fn exp_plus_leeway_equal_to_now_is_expired_cached_or_not() {
+    let v = verifier(&["RS256"], &[("r", "rsa.pub")], false);
+    let mut c = claims();
+    // The leeway is 5 s: exp + 5 == now (or, if the second turns meanwhile, < now).
+    c["exp"] = json!(now() - 5);
+    let token = sign(Algorithm::RS256, None, &rsa(), &c);
+    assert_eq!(v.verify(&token), Err(TokenError::Expired));
+    assert_eq!(v.verify(&token), Err(TokenError::Expired));
+}
+
 /// Found by the `credentials` fuzz target: a cache hit added the leeway to a token's `exp`
 /// without checking for overflow.
 #[test]
