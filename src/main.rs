@@ -98,6 +98,14 @@ fn key_command(cmd: KeyCommand) -> ExitCode {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Release builds abort on a panic (`panic = "abort"` in Cargo.toml). Debug builds do the same
+    // here: pingora runs each service as a task, and an unwinding panic there (a listener that
+    // cannot bind, say) would leave a process that answers on one port and not on another.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     // SIGHUP's default action kills the process. Until the control plane listens for it, a
     // SIGHUP only sets this flag (the control plane then reloads once).
     let early_hup = Arc::new(AtomicBool::new(false));
@@ -152,6 +160,17 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         daemon: cli.daemon,
         ..Opt::default()
     };
+    // A port another process holds is an error an operator can read, before anything starts
+    // (pingora itself would fail the listener's service with a panic). Not on an upgrade: the
+    // sockets come from the running instance, which still holds them.
+    if !cli.upgrade {
+        for addr in s.listen.iter().chain(&s.admin_listen) {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                eprintln!("tollgate: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 

@@ -19,6 +19,32 @@ fn tollgate(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A listen address another process holds: a readable error and exit 1, never a process that
+/// serves its admin port and not its proxy port.
+#[test]
+fn a_taken_port_ends_the_start_with_a_readable_error() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = held.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tmp");
+    let conf = dir.path().join("taken.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  listen: [\"{taken}\"]\n  admin_listen: \"127.0.0.1:0\"\n  pid_file: \"{}\"\n  upgrade_sock: \"{}\"\nupstreams:\n  u:\n    backends: [{{ addr: \"127.0.0.1:1\" }}]\nroutes:\n  - {{ name: r, upstream: u }}\n",
+            dir.path().join("pid").display(),
+            dir.path().join("sock").display()
+        ),
+    )
+    .expect("write");
+    let (code, _, stderr) = tollgate(&["-c", conf.to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("tollgate: cannot listen on {taken}: "))
+            && stderr.contains("in use"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_mode_exit_codes_and_every_error_located() {
     let dir = tempfile::tempdir().expect("tmp");
