@@ -135,7 +135,8 @@ async fn consistent_hash_is_stable_and_moves_only_removed_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failure_retries_on_another_backend() {
     let up = MockUpstream::start("alive").await;
-    let dead = free_port(); // nothing listens here: connections are refused
+    // Port 1 (tcpmux): nothing listens there, and no other test can start listening on it.
+    let dead = 1; // connections are refused
     let body = format!(
         "upstreams:\n  u:\n    backends:\n      - {{ addr: \"127.0.0.1:{dead}\" }}\n      - {{ addr: \"{}\" }}\n    retries: {{ attempts: 2 }}\n  once:\n    backends:\n      - {{ addr: \"127.0.0.1:{dead}\" }}\n      - {{ addr: \"{}\" }}\n    retries: {{ attempts: 1 }}\nroutes:\n  - {{ name: once, match: {{ path_prefix: /once }}, upstream: once }}\n  - {{ name: all, upstream: u }}\n",
         up.addr, up.addr

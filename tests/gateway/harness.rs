@@ -22,10 +22,16 @@ pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
 
 /// A port that was free a moment ago (bound to 0, then released).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct ports that were free a moment ago: all are held until all are picked, so two
+/// never come out the same.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<StdListener> = (0..N)
+        .map(|_| StdListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("free port").port())
 }
 
 /// Poll `check` until it returns `Some`, or panic with `what` after `timeout`.
@@ -240,17 +246,30 @@ impl Drop for MockUpstream {
 pub struct RedisServer {
     pub port: u16,
     child: Child,
+    /// False once `stop` reaped the process: its pid may belong to another process by then.
+    running: bool,
 }
 
 impl RedisServer {
+    /// Start on a free port; retried on another port when this one was taken between
+    /// `free_port` and redis-server's bind (the process exits at once then).
     pub async fn start() -> Self {
-        let port = free_port();
-        let r = Self {
-            port,
-            child: spawn_redis(port),
-        };
-        r.wait_ping().await;
-        r
+        for attempt in 0..5 {
+            let port = free_port();
+            let mut r = Self {
+                port,
+                child: spawn_redis(port),
+                running: true,
+            };
+            match r.wait_ping().await {
+                Ok(()) => return r,
+                Err(status) if attempt < 4 => {
+                    eprintln!("redis-server on port {port} exited ({status}); another port");
+                }
+                Err(status) => panic!("redis-server exited ({status}) on five ports in a row"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     pub fn url(&self) -> String {
@@ -269,13 +288,23 @@ impl RedisServer {
         matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG"))
     }
 
-    async fn wait_ping(&self) {
-        eventually(
-            Duration::from_secs(10),
-            "redis-server answering PING",
-            || async { self.ping().await.then_some(()) },
-        )
-        .await;
+    /// Poll until PING answers; `Err` as soon as the process has exited.
+    async fn wait_ping(&mut self) -> Result<(), std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping().await {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.running = false;
+                return Err(status);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server not answering PING after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// SIGSTOP: Redis hangs (accepts nothing, answers nothing).
@@ -291,19 +320,29 @@ impl RedisServer {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.running = false;
     }
 
     pub async fn restart(&mut self) {
         self.child = spawn_redis(self.port);
-        self.wait_ping().await;
+        self.running = true;
+        if let Err(status) = self.wait_ping().await {
+            panic!(
+                "redis-server did not restart on port {} ({status}): another process took it",
+                self.port
+            );
+        }
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        signal_pid(self.child.id(), "CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.running {
+            // A paused server must run again to act on the kill.
+            signal_pid(self.child.id(), "CONT");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -372,9 +411,10 @@ impl Gateway {
     pub async fn start_with(body: &str, server_extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("tollgate.yaml");
+        let [port, admin_port] = free_ports();
         let mut gw = Self {
-            port: free_port(),
-            admin_port: free_port(),
+            port,
+            admin_port,
             config_path,
             child: Command::new("true").spawn().expect("placeholder"),
             dir,
@@ -387,8 +427,7 @@ impl Gateway {
             match gw.wait_ready().await {
                 Ok(()) => return gw,
                 Err(log) if attempt < 4 && log.contains("in use") => {
-                    gw.port = free_port();
-                    gw.admin_port = free_port();
+                    [gw.port, gw.admin_port] = free_ports();
                     gw.write(body);
                     let _ = std::fs::remove_file(gw.dir.path().join("gateway.log"));
                 }

@@ -79,7 +79,9 @@ fn mutation() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Send raw bytes, read whatever comes back until the gateway closes or goes quiet. (No
-/// half-close: like NGINX, pingora takes a client's FIN as the client going away.)
+/// half-close: like NGINX, pingora takes a client's FIN as the client going away.) The first
+/// answer may take up to the 2 s header/body deadlines (and a loaded machine); after it, 600 ms
+/// without a byte ends the exchange (a pipelined second answer comes well within that).
 async fn exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
         return Vec::new();
@@ -88,7 +90,12 @@ async fn exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+        let quiet = if out.is_empty() {
+            Duration::from_secs(4)
+        } else {
+            Duration::from_millis(600)
+        };
+        match tokio::time::timeout(quiet, s.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
             _ => return out,
         }

@@ -11,10 +11,11 @@ use serde_json::Value;
 use crate::harness::*;
 
 fn config(up: &MockUpstream, redis: Option<&RedisServer>, limits: &str, tiers: &str) -> String {
-    // Tests that take Redis away use a short timeout; the others a generous one, so a loaded CI
-    // machine does not push them into the fallback.
+    // Tests that take Redis away use a short timeout (300 ms: it also bounds the first call's
+    // connect on a loaded machine); the others a generous one, so a loaded CI machine does not
+    // push them into the fallback.
     let timeout = if limits.contains("on_failure") {
-        "100ms"
+        "300ms"
     } else {
         "2s"
     };
@@ -563,10 +564,9 @@ async fn exact_mode_batches_decide_like_single_calls() {
 /// carries the rate-limit fields (and no Retry-After: it was not refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admitted_request_that_fails_upstream_carries_the_fields() {
-    // A backend address nothing listens on: every attempt is refused.
+    // A backend address nothing listens on (port 1, which no test takes): every attempt is refused.
     let body = format!(
-        "tiers:\n{TIER_100}upstreams:\n  u:\n    backends: [{{ addr: \"127.0.0.1:{}\" }}]\nroutes:\n  - {{ name: all, upstream: u }}\n",
-        free_port()
+        "tiers:\n{TIER_100}upstreams:\n  u:\n    backends: [{{ addr: \"127.0.0.1:1\" }}]\nroutes:\n  - {{ name: all, upstream: u }}\n"
     );
     let gw = Gateway::start(&body).await;
     let client = http();

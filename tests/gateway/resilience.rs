@@ -144,7 +144,9 @@ async fn all_backends_failing_answers_503_in_milliseconds() {
     assert!((1..=30).contains(&retry), "{retry}");
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["error"], "no_healthy_backend");
-    assert!(elapsed < Duration::from_millis(100), "took {elapsed:?}");
+    // "In milliseconds": no connect, no timeout waited (the hits below: no backend touched). The
+    // bound leaves a loaded debug build room; a wait for any timeout would take seconds.
+    assert!(elapsed < Duration::from_millis(500), "took {elapsed:?}");
     assert_eq!(a.hits() + b.hits(), hits);
 }
 
@@ -520,8 +522,10 @@ async fn slow_clients_are_cut_off_without_slowing_others() {
         worst = worst.max(t.elapsed());
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    // A normal request held up behind the slow ones would wait for their 1 s deadline; the
+    // bound stays below that and leaves a loaded debug build room.
     assert!(
-        worst < Duration::from_millis(300),
+        worst < Duration::from_millis(700),
         "a normal request took {worst:?}"
     );
     let (took, closed, answer) = slow_header.await.expect("task");

@@ -45,6 +45,15 @@ where
     }
 }
 
+/// An HTTP client for the test's own loopback servers: never through a proxy the machine's
+/// environment (`http_proxy`, ...) may name.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("HTTP client")
+}
+
 /// The same poll for synchronous checks (used while starting processes).
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -124,7 +133,10 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-A", "trust", "-U", "postgres", "--no-sync"]);
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+            // Whatever LANG the machine has (a fresh one may name a locale it lacks, and
+            // initdb refuses those): C collation, UTF-8 text.
+            .args(["--no-locale", "-E", "UTF8"]);
         run_ok(initdb, "initdb");
         let mut pg = Self {
             port: 0,
@@ -132,12 +144,20 @@ impl Postgres {
             as_postgres,
             running: false,
         };
-        pg.port = free_port();
-        pg.start_server();
-        pg
+        // The port can be taken between `free_port` and the server's bind: another port then.
+        for attempt in 0..5 {
+            pg.port = free_port();
+            match pg.start_server() {
+                Ok(()) => return pg,
+                Err(log) if attempt < 4 && log.contains("in use") => {}
+                Err(log) => panic!("pg_ctl start failed:\n{log}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
-    fn start_server(&mut self) {
+    /// `Err(server log)` when pg_ctl could not start it.
+    fn start_server(&mut self) -> Result<(), String> {
         let dir = self.dir.path();
         let opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c shared_buffers=16MB \
@@ -155,13 +175,16 @@ impl Postgres {
         let status = ctl.status().expect("pg_ctl start");
         if !status.success() {
             let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
-            panic!("pg_ctl start failed:\n{log}");
+            // The next try appends to the same file: start it afresh.
+            let _ = std::fs::remove_file(dir.join("log"));
+            return Err(log);
         }
         self.running = true;
         let port = self.port;
         wait_until(START_TIMEOUT, "postgres accepting TCP", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -197,13 +220,23 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// Start on a free port; another port when this one was taken meanwhile (redis-server
+    /// exits at once then).
     pub fn start() -> Self {
-        let mut r = Self {
-            port: free_port(),
-            child: None,
-        };
-        r.restart();
-        r
+        for attempt in 0..5 {
+            let mut r = Self {
+                port: free_port(),
+                child: None,
+            };
+            match r.spawn_and_wait() {
+                Ok(()) => return r,
+                Err(status) if attempt < 4 => {
+                    eprintln!("redis-server on port {} exited ({status})", r.port);
+                }
+                Err(status) => panic!("redis-server exited ({status}) on five ports in a row"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
     pub fn url(&self) -> String {
@@ -212,6 +245,16 @@ impl Redis {
 
     /// Start (again) on the same port, and wait until it answers PING.
     pub fn restart(&mut self) {
+        if let Err(status) = self.spawn_and_wait() {
+            panic!(
+                "redis-server did not restart on port {} ({status}): another process took it",
+                self.port
+            );
+        }
+    }
+
+    /// Spawn on `self.port` and poll PING; `Err` as soon as the process has exited.
+    fn spawn_and_wait(&mut self) -> Result<(), std::process::ExitStatus> {
         assert!(self.child.is_none(), "redis-server is already running");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
@@ -221,9 +264,23 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server)");
-        self.child = Some(child);
         let port = self.port;
-        wait_until(START_TIMEOUT, "redis-server answering PING", || ping(port));
+        let child = self.child.insert(child);
+        let mut exited = None;
+        wait_until(START_TIMEOUT, "redis-server answering PING", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            ping(port)
+        });
+        match exited {
+            Some(status) => {
+                self.child = None;
+                Err(status)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Kill the server (SIGKILL) and reap it: clients see connection refused.
@@ -376,7 +433,7 @@ impl Demo {
             log,
             _logdir: logdir,
         };
-        let http = reqwest::Client::new();
+        let http = http_client();
         let url = demo.url("/health");
         eventually(START_TIMEOUT, "upstream-demo /health = 200", || {
             let http = http.clone();
@@ -497,7 +554,7 @@ impl One {
         Self {
             demo,
             stack,
-            http: reqwest::Client::new(),
+            http: http_client(),
         }
     }
 

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use tokio::task::JoinHandle;
 
-use crate::harness::{eventually, Demo, One, Stack};
+use crate::harness::{eventually, http_client, Demo, One, Stack};
 
 #[tokio::test]
 async fn health_is_503_while_redis_is_down() {
@@ -230,7 +230,7 @@ async fn three_instances_start_together_on_a_fresh_database() {
         Demo::start(&stack, "demo-2", &[]),
         Demo::start(&stack, "demo-3", &[]),
     );
-    let http = reqwest::Client::new();
+    let http = http_client();
     for d in [&a, &b, &c] {
         let v: Value = http
             .get(d.url("/api/v1/status"))
@@ -266,7 +266,7 @@ async fn three_instances_start_together_on_a_fresh_database() {
 #[tokio::test]
 async fn external_fails_and_stalls_as_configured() {
     let stack = Stack::start();
-    let http = reqwest::Client::new();
+    let http = http_client();
     let (ok, failing, stalling, controlled) = tokio::join!(
         Demo::start(&stack, "ok", &[]),
         Demo::start(&stack, "failing", &[("EXTERNAL_FAIL_RATE", "1")]),
