@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${TOLLGATE_ADVISORY_DB:-../shared/advisory-db}
 [ -d "$src" ] || { echo "no advisory database at $src (set TOLLGATE_ADVISORY_DB)" >&2; exit 1; }
-command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
+command -v cargo-deny >/dev/null || cargo install cargo-deny --locked --version 0.20.2
 root=${TOLLGATE_ADVISORY_DB_ROOT:-target/advisory-dbs}
 export TOLLGATE_ADVISORY_DB_ROOT=$root
 # cargo-deny opens <db-path>/advisory-db-<hash of the default URL> as a git repository.

@@ -90,7 +90,7 @@ fi
 if [ ! -s "$pgdir/data/PG_VERSION" ]; then
     say "initdb $pgdir/data"
     rm -rf "$pgdir/data"
-    pg initdb -D "$pgdir/data" -A trust -U postgres --no-sync >"$logs/initdb.log" 2>&1 \
+    pg initdb -D "$pgdir/data" -A trust -U postgres --no-sync --no-locale -E UTF8 >"$logs/initdb.log" 2>&1 \
         || { cat "$logs/initdb.log" >&2; die "initdb failed"; }
 else
     say "reusing the PostgreSQL cluster in $pgdir/data"

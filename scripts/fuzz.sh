@@ -23,7 +23,7 @@ work=${FUZZ_WORK:-target/fuzz-corpus}
 case $target_dir in /*) ;; *) target_dir=$PWD/$target_dir ;; esac
 case $work in /*) ;; *) work=$PWD/$work ;; esac
 
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
 if ! rustc --version | grep -q nightly; then
     export RUSTC_BOOTSTRAP=1
 fi

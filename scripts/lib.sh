@@ -18,6 +18,8 @@ ensure_packages() {
     fi
     echo "== installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
+    # A freshly booted machine often runs its own apt (unattended upgrades): wait for its lock
+    # (up to 10 minutes) instead of failing at once.
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
 }

@@ -14,9 +14,18 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_packages cmake:cmake redis-server:redis-server '/usr/lib/postgresql/*/bin/initdb:postgresql' \
-    gcc:build-essential pkg-config:pkg-config openssl:openssl chromium:chromium
+    gcc:build-essential pkg-config:pkg-config openssl:openssl chromium:chromium /bin/kill:procps \
+    flock:util-linux runuser:util-linux
+# The audit's advisory snapshot is checked now, not after half an hour of tests.
+advisories=${TOLLGATE_ADVISORY_DB:-../shared/advisory-db}
+[ -d "$advisories" ] || { echo "no advisory database at $advisories (set TOLLGATE_ADVISORY_DB; see scripts/audit.sh)" >&2; exit 1; }
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 target=${CARGO_TARGET_DIR:-target}
+# One run at a time per target directory: a second run (another clone sharing CARGO_TARGET_DIR)
+# waits here instead of interleaving its builds, fuzz corpora and binaries with this one's.
+mkdir -p "$target"
+exec 9>"$target/.tollgate-test.lock"
+flock -n 9 || { echo "== waiting for another scripts/test.sh using $target"; flock 9; }
 
 echo "== rustfmt"
 cargo fmt --all -- --check
