@@ -122,9 +122,9 @@ async fn mutated_requests_never_confuse_the_gateway() {
     let upstream = RecordingUpstream::start().await;
     let addr = upstream.addr;
     let body = format!(
-        "upstreams:\n  u:\n    backends: [{{ addr: \"{addr}\" }}]\n    retries: {{ attempts: 1 }}\n    timeouts: {{ read: 2s, total: 3s }}\nroutes:\n  - {{ name: r, upstream: u }}\n"
+        "upstreams:\n  u:\n    backends: [{{ addr: \"{addr}\" }}]\n    retries: {{ attempts: 1 }}\n    timeouts: {{ read: 3s, total: 4s }}\nroutes:\n  - {{ name: r, upstream: u }}\n"
     );
-    let gw = Gateway::start_with(&body, "  header_timeout: 2s\n  body_timeout: 2s\n").await;
+    let gw = Gateway::start_with(&body, "  header_timeout: 2s\n  body_timeout: 1s\n").await;
     let mut runner = TestRunner::new_with_rng(
         Config::default(),
         TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha),

@@ -368,7 +368,8 @@ async fn redis_killed_or_paused_under_load() {
         let ok = ok.clone();
         async move {
             let target = ok.load(Ordering::Relaxed) + n;
-            eventually(Duration::from_secs(10), "load progress", || async {
+            // Generous: while Redis is paused every request waits out the 300 ms timeout.
+            eventually(Duration::from_secs(30), "load progress", || async {
                 (ok.load(Ordering::Relaxed) >= target).then_some(())
             })
             .await;
@@ -387,7 +388,7 @@ async fn redis_killed_or_paused_under_load() {
     .await;
     progress(50).await;
     redis.pause();
-    progress(100).await;
+    progress(50).await;
     redis.resume();
     progress(50).await;
     stop.store(true, Ordering::Relaxed);
