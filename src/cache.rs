@@ -527,7 +527,12 @@ async fn revalidate(
         .select(key.as_bytes(), &[])
         .map_err(|_| Error::explain(ErrorType::ConnectNoRoute, "no healthy backend"))?;
     let t = r.timeouts;
-    let peer = crate::upstream::peer(upstream.spec.backends[index].addr, &t, t.total);
+    let peer = crate::upstream::peer(
+        upstream.spec.backends[index].addr,
+        &upstream.spec,
+        &t,
+        t.total,
+    );
     let mut req = entry.origin.clone();
     if let Some(etag) = entry.header.headers.get(header::ETAG).cloned() {
         req.insert_header(header::IF_NONE_MATCH, etag)?;

@@ -55,6 +55,8 @@ pub struct Control {
     pub cache: Arc<crate::cache::ResponseCache>,
     /// What the connection front end reads per request (follows every published snapshot).
     pub front: Arc<crate::front::FrontSettings>,
+    /// The TLS listeners' acceptors (follow every published snapshot).
+    pub tls: Arc<crate::tls::Acceptors>,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
     redis: Mutex<Option<RedisHandle>>,
@@ -70,7 +72,9 @@ impl Control {
         let unprobed = Snapshot::unprobed(config.clone());
         let front = Arc::new(crate::front::FrontSettings::default());
         follow_front(&front, &unprobed);
+        let tls = Arc::new(crate::tls::Acceptors::new(&config.tls));
         Arc::new(Self {
+            tls,
             pid_file: config.server.pid_file.clone(),
             path,
             current: Arc::new(ArcSwap::from_pointee(unprobed)),
@@ -175,6 +179,7 @@ impl Control {
             );
             self.cache.set_capacity(snapshot.cache.max_bytes);
             follow_front(&self.front, &snapshot);
+            follow_tls(&self.tls, &snapshot);
             self.current.store(Arc::new(snapshot));
             log::info!("config generation 1 loaded from {}", self.path.display());
         }
@@ -223,6 +228,7 @@ impl Control {
                 let snapshot = Snapshot::build(config, generation, &self.registry, shared).await;
                 self.cache.set_capacity(snapshot.cache.max_bytes);
                 follow_front(&self.front, &snapshot);
+                follow_tls(&self.tls, &snapshot);
                 self.current.store(Arc::new(snapshot));
                 // Probes follow the published snapshot: removed backends stop being checked.
                 self.current.load().commit_health(&self.registry);
@@ -261,6 +267,36 @@ fn follow_front(front: &crate::front::FrontSettings, s: &Snapshot) {
         s.server.max_header_bytes,
         s.server.max_uri_bytes,
     );
+}
+
+/// New handshakes take the new generation's certificates; the expiry gauges follow, and a
+/// certificate close to its end is logged.
+fn follow_tls(acceptors: &crate::tls::Acceptors, s: &Snapshot) {
+    acceptors.follow(&s.tls);
+    metrics::TLS_CERT_EXPIRY.reset();
+    for c in &s.tls.certificates {
+        metrics::TLS_CERT_EXPIRY
+            .with_label_values(&[c.name.as_str()])
+            .set(c.not_after);
+    }
+    warn_expiring(s);
+}
+
+/// Log a warning for each served certificate with less than 14 days left.
+fn warn_expiring(s: &Snapshot) {
+    let now = crate::clock::UnixMs::now().0 as i64 / 1000;
+    for c in &s.tls.certificates {
+        let left = c.not_after - now;
+        if left < crate::tls::EXPIRY_WARNING_SECS {
+            log::warn!(
+                "certificate {:?} ({}) expires in {} days {} hours: renew it",
+                c.name,
+                c.cert_file.display(),
+                left / 86_400,
+                (left % 86_400) / 3600
+            );
+        }
+    }
 }
 
 async fn follow_cache_epoch(cache: &crate::cache::ResponseCache, store: &Store) {
@@ -359,6 +395,7 @@ fn needs_upgrade(old: &config::ServerSettings, new: &config::ServerSettings) -> 
         }
     };
     check(old.listen != new.listen, "listen");
+    check(old.listen_tls != new.listen_tls, "listen_tls addresses");
     check(old.admin_listen != new.admin_listen, "admin_listen");
     check(old.threads != new.threads, "threads");
     check(old.h2c != new.h2c, "h2c");
@@ -431,6 +468,9 @@ impl BackgroundService for ControlService {
         if control.early_hup.swap(false, Ordering::SeqCst) {
             control.reload().await;
         }
+        // Certificates close to their end are logged at each load and twice a day.
+        let mut expiry_check = tokio::time::interval(Duration::from_secs(12 * 3600));
+        expiry_check.tick().await;
         loop {
             let hup_recv = async {
                 match hup.as_mut() {
@@ -448,6 +488,7 @@ impl BackgroundService for ControlService {
                     let outcome = control.reload().await;
                     let _ = reply.send(outcome);
                 }
+                _ = expiry_check.tick() => warn_expiring(&control.current.load()),
                 _ = shutdown.changed() => return,
             }
         }

@@ -9,6 +9,12 @@
 //! wrapped: once the head is read, the request runs on the bare stream. HTTP/2 (prior
 //! knowledge) connections go to pingora as they are. Body and idle timeouts are set per request
 //! in `proxy`.
+//!
+//! On a TLS listener the front also does the handshake (under the same deadline as the first
+//! head), with the acceptor current at that moment (`tls::Acceptors`: a reload swaps it for
+//! new connections only), then hands HTTP/2 (ALPN `h2`) connections to pingora and reads
+//! HTTP/1.1 heads over TLS as it does in plain text. Pingora's own TLS listeners would fix
+//! the certificates at start and ignore ALPN here, since this app takes every connection.
 
 use std::fmt;
 use std::io;
@@ -18,13 +24,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
-    UniqueIDType,
+    UniqueIDType, ALPN,
 };
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -195,6 +203,8 @@ pub struct Front<A> {
     pub app: Arc<A>,
     pub header_timeout: Duration,
     settings: Arc<FrontSettings>,
+    /// A TLS listener's acceptor (swapped at reloads); `None`: plain text.
+    tls: Option<Arc<ArcSwap<Acceptor>>>,
     /// Set when the service shuts down: waits for a next request end (see [`WAIT_SLICE`]).
     stopping: AtomicBool,
 }
@@ -205,7 +215,56 @@ impl<A> Front<A> {
             app,
             header_timeout,
             settings,
+            tls: None,
             stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// The front of a TLS listener: each connection's handshake takes the acceptor in `tls`
+    /// at that moment.
+    pub fn with_tls(mut self, tls: Arc<ArcSwap<Acceptor>>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+}
+
+/// The TLS handshake of a new connection, under the first head's deadline (a client that
+/// stalls its handshake is cut like one that stalls its request). Counted by version, or by
+/// failure reason.
+async fn handshake(acceptor: &Acceptor, stream: Stream, deadline: Instant) -> Option<Stream> {
+    let l4 = match stream
+        .into_any()
+        .downcast::<pingora_core::protocols::l4::stream::Stream>()
+    {
+        Ok(l4) => *l4,
+        Err(_) => {
+            log::warn!("TLS listener got a stream that is not TCP");
+            return None;
+        }
+    };
+    match tokio::time::timeout_at(deadline, acceptor.tls_handshake(l4)).await {
+        Ok(Ok(tls)) => {
+            let version = tls
+                .get_ssl_digest()
+                .map_or("other", |d| crate::tls::version_label(&d.version));
+            crate::metrics::TLS_HANDSHAKES
+                .with_label_values(&[version])
+                .inc();
+            Some(Box::new(tls))
+        }
+        Ok(Err(e)) => {
+            let reason = crate::tls::failure_reason(&e);
+            crate::metrics::TLS_HANDSHAKE_FAILURES
+                .with_label_values(&[reason])
+                .inc();
+            log::debug!("TLS handshake failed ({reason}): {e}");
+            None
+        }
+        Err(_) => {
+            crate::metrics::TLS_HANDSHAKE_FAILURES
+                .with_label_values(&["timeout"])
+                .inc();
+            None
         }
     }
 }
@@ -265,10 +324,19 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     ) -> Option<Stream> {
         let accepted = Instant::now();
         let options = self.app.server_options();
+        // The first head's deadline runs from accept, the TLS handshake and the h2c check
+        // included.
+        let deadline = accepted + self.header_timeout;
+        if let Some(tls) = &self.tls {
+            let acceptor = tls.load_full();
+            stream = handshake(&acceptor, stream, deadline).await?;
+            if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+                // HTTP/2 by ALPN: pingora serves the connection's streams.
+                return ServerApp::process_new(&self.app, stream, shutdown).await;
+            }
+        }
         let h2c = options.is_some_and(|o| o.h2c) && stream.get_ssl_digest().is_none();
         let mut buf = BytesMut::with_capacity(HEAD_BUF);
-        // The first head's deadline runs from accept, the h2c check included.
-        let deadline = accepted + self.header_timeout;
         let mut wait = Wait::Until(deadline);
         if h2c {
             // Read until the first bytes tell HTTP/2's preface from an HTTP/1 request line
@@ -427,7 +495,11 @@ impl UniqueID for Flagged {
     }
 }
 
-impl Ssl for Flagged {}
+impl Ssl for Flagged {
+    fn get_ssl_digest(&self) -> Option<Arc<pingora_core::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+}
 
 impl GetTimingDigest for Flagged {
     fn get_timing_digest(&self) -> Vec<Option<pingora_core::protocols::TimingDigest>> {

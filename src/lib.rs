@@ -7,7 +7,7 @@
 //!    `metrics`, `error`;
 //! 2. concerns: `store` (Redis), `observe`, `otlp`, `upstream` (specs, selection, backends,
 //!    breakers, health probes), `shed`, `identity`, `limit`, `cache`, `route`, `admission`,
-//!    `front` (the connection's front end);
+//!    `tls` (certificates, SNI, listeners' TLS settings), `front` (the connection's front end);
 //! 3. `config`: the YAML file compiled into the concerns' types;
 //! 4. `state`: what survives reloads (backend states, budgets, shedders);
 //! 5. `snapshot`: one immutable generation of the running config (a `RouteRuntime` per route);
@@ -34,4 +34,5 @@ pub mod shed;
 pub mod snapshot;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod upstream;

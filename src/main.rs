@@ -164,7 +164,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
     // (pingora itself would fail the listener's service with a panic). Not on an upgrade: the
     // sockets come from the running instance, which still holds them.
     if !cli.upgrade {
-        for addr in s.listen.iter().chain(&s.admin_listen) {
+        for addr in s.listen.iter().chain(&s.listen_tls).chain(&s.admin_listen) {
             if let Err(e) = std::net::TcpListener::bind(addr) {
                 eprintln!("tollgate: cannot listen on {addr}: {e}");
                 return ExitCode::FAILURE;
@@ -201,12 +201,13 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         options.h2c = true;
         app.server_options = Some(options);
     }
+    let app = Arc::new(app);
     // Request heads are read (under a deadline: slow-header defence) and checked before
     // pingora parses them.
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
         Front::new(
-            Arc::new(app),
+            app.clone(),
             config.server.header_timeout,
             control.front.clone(),
         ),
@@ -217,6 +218,24 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
     // Listeners open only after the first snapshot (and its health pass) is published.
     let proxy_handle = server.add_service(proxy);
     proxy_handle.add_dependency(&control_handle);
+    // Each TLS listener: the front does the handshake with the acceptor of the moment.
+    for addr in &config.server.listen_tls {
+        let Some(slot) = control.tls.slot(*addr) else {
+            continue;
+        };
+        let mut tls = Service::new(
+            format!("tollgate tls {addr}"),
+            Front::new(
+                app.clone(),
+                config.server.header_timeout,
+                control.front.clone(),
+            )
+            .with_tls(slot),
+        );
+        tls.add_tcp(&addr.to_string());
+        let tls_handle = server.add_service(tls);
+        tls_handle.add_dependency(&control_handle);
+    }
 
     if let Some(admin_addr) = config.server.admin_listen {
         let mut admin = Service::new(

@@ -139,6 +139,33 @@ pub static REDIS_UP: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("static metric definition")
 });
 
+pub static TLS_HANDSHAKES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_tls_handshakes_total",
+        "Completed TLS handshakes on the TLS listeners, by negotiated version",
+        &["version"]
+    )
+    .expect("static metric definition")
+});
+
+pub static TLS_HANDSHAKE_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_tls_handshake_failures_total",
+        "Failed TLS handshakes, by reason (unknown_name, incompatible, malformed, closed, timeout, ...)",
+        &["reason"]
+    )
+    .expect("static metric definition")
+});
+
+pub static TLS_CERT_EXPIRY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tollgate_tls_certificate_expiry_seconds",
+        "When each served certificate expires (not-after), in Unix seconds",
+        &["name"]
+    )
+    .expect("static metric definition")
+});
+
 pub static AUTH_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tollgate_auth_failures_total",

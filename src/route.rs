@@ -100,6 +100,10 @@ pub struct Route {
     pub max_body: Option<u64>,
     /// Response cache policy; `None` = not cached.
     pub cache: Option<crate::cache::Policy>,
+    /// Plain-HTTP requests are answered with a 308 to HTTPS.
+    pub redirect_https: bool,
+    /// `Strict-Transport-Security` on responses sent over TLS.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +224,8 @@ pub(crate) mod tests {
             shed: None,
             max_body: None,
             cache: None,
+            redirect_https: false,
+            hsts: None,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub cache: crate::cache::Settings,
     /// Metric handles for requests no route matched.
     pub unrouted_metrics: RouteMetrics,
+    /// Certificates and TLS listeners of this generation.
+    pub tls: Arc<crate::tls::TlsSpec>,
     /// The span exporter for `server.otlp` (shared by snapshots while the block is unchanged).
     #[cfg(feature = "otlp")]
     pub otlp: Option<Arc<crate::otlp::Exporter>>,
@@ -151,6 +153,7 @@ impl Snapshot {
             limits: config.limits,
             cache: config.cache,
             unrouted_metrics: RouteMetrics::new(Arc::from("")),
+            tls: config.tls,
             #[cfg(feature = "otlp")]
             otlp: None,
         }

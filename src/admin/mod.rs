@@ -37,6 +37,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("GET", "/admin/dashboard"),
     ("POST", "/admin/reload"),
     ("GET", "/admin/cache"),
+    ("GET", "/admin/certificates"),
     ("DELETE", "/admin/cache"),
     ("GET", "/admin/keys"),
     ("POST", "/admin/keys"),
@@ -144,6 +145,43 @@ impl Admin {
             .map(|r| json!({"name": &*r.name, "upstream": &*snap.upstreams[r.upstream].spec.name}))
             .collect();
         json!({ "routes": list })
+    }
+
+    /// The served certificates (never a key) and the TLS listeners.
+    fn certificates(&self) -> serde_json::Value {
+        let snap = self.control.current.load();
+        let now = crate::clock::UnixMs::now().0 as i64 / 1000;
+        let certs: Vec<_> = snap
+            .tls
+            .certificates
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "names": c.names,
+                    "subject": c.subject,
+                    "issuer": c.issuer,
+                    "key_type": c.key_type,
+                    "not_before": c.not_before,
+                    "not_after": c.not_after,
+                    "expires_in_seconds": c.not_after - now,
+                    "cert_file": c.cert_file.display().to_string(),
+                })
+            })
+            .collect();
+        let listeners: Vec<_> = snap
+            .tls
+            .listeners
+            .iter()
+            .map(|l| {
+                json!({
+                    "addr": l.addr.to_string(),
+                    "min_version": l.min_version.as_str(),
+                    "http2": l.http2,
+                })
+            })
+            .collect();
+        json!({ "certificates": certs, "listeners": listeners })
     }
 }
 
@@ -340,6 +378,7 @@ impl ServeHttp for Admin {
             "/admin/status" => json_response(200, self.status()),
             "/admin/upstreams" => json_response(200, self.upstreams()),
             "/admin/routes" => json_response(200, self.routes()),
+            "/admin/certificates" => json_response(200, self.certificates()),
             "/admin/limits" => json_response(200, self.limits()),
             "/admin/stats" => json_response(200, stats::stats(&self.control)),
             "/admin/dashboard" => dashboard::response(),

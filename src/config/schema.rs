@@ -33,6 +33,52 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    /// Certificates for the TLS listeners (`server.listen_tls`).
+    #[serde(default)]
+    pub tls: TlsSection,
+}
+
+/// Certificates served by the TLS listeners, chosen per handshake by SNI.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    #[serde(default)]
+    pub certificates: Vec<CertificateSection>,
+    /// The certificate (by name) for clients that send no SNI or a name no certificate
+    /// covers; absent: such handshakes are refused.
+    #[serde(default)]
+    pub default_certificate: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    pub name: String,
+    /// PEM chain, leaf first (relative paths: from the config file's directory).
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// Hosts this certificate must cover (checked at load and reload); its own names are
+    /// what SNI selects on.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// One TLS listener: HTTP/1.1 and (by ALPN) HTTP/2 over TLS on one port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerSection {
+    pub addr: String,
+    /// `"1.2"` (default) or `"1.3"`.
+    #[serde(default = "default_min_tls")]
+    pub min_version: String,
+    /// Offer HTTP/2 by ALPN next to HTTP/1.1.
+    #[serde(default = "yes")]
+    pub http2: bool,
+}
+
+fn default_min_tls() -> String {
+    "1.2".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +86,9 @@ pub struct FileConfig {
 pub struct ServerSection {
     /// Plain-text listeners; each serves HTTP/1.1 and (if `h2c`) HTTP/2 prior knowledge.
     pub listen: Vec<String>,
+    /// TLS listeners (certificates in `tls`).
+    #[serde(default)]
+    pub listen_tls: Vec<TlsListenerSection>,
     /// The admin listener (metrics, status, reload). Never routed upstream.
     #[serde(default)]
     pub admin_listen: Option<String>,
@@ -305,6 +354,49 @@ pub struct UpstreamSection {
     pub retries: RetriesSection,
     #[serde(default)]
     pub breaker: Option<BreakerSection>,
+    /// Connect to the backends over TLS (HTTPS upstream).
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsSection>,
+    /// `http1` (default), `http2` (over TLS: `h2` by ALPN, HTTP/1.1 if the backend does not
+    /// offer it; plain: h2c by prior knowledge).
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Concurrent HTTP/2 streams on one backend connection before another is opened.
+    #[serde(default = "default_h2_streams")]
+    pub max_h2_streams: i64,
+}
+
+fn default_h2_streams() -> i64 {
+    100
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSection {
+    /// The name sent as SNI and verified against the backend's certificate; default: the
+    /// host name of the first backend when it is written as a name, else each backend's IP
+    /// (verified against an IP entry of its certificate; no SNI is sent for an IP).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Verify the backend's certificate (chain and name). Off only for testing.
+    #[serde(default = "yes")]
+    pub verify: bool,
+    /// PEM CA bundle to verify against; default: the system's trust store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// A client certificate for backends that require one (mTLS), with its key.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -498,6 +590,13 @@ pub struct RouteSection {
     /// Cache this route's responses (see `cache` in the README).
     #[serde(default)]
     pub cache: Option<RouteCacheSection>,
+    /// Answer requests that came over plain HTTP with a 308 to the same URL over HTTPS.
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// `Strict-Transport-Security` value added to responses sent over TLS, e.g.
+    /// `max-age=31536000; includeSubDomains`.
+    #[serde(default)]
+    pub hsts: Option<String>,
 }
 
 /// Process-wide cache settings.

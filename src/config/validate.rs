@@ -22,6 +22,8 @@ use crate::upstream::{
     BackendSpec, Balance, HashKey, HealthKind, HealthSpec, Timeouts, UpstreamSpec,
 };
 
+mod tls;
+
 /// A field path and what is wrong with it, before it is located in the file.
 #[derive(Debug, Clone)]
 pub(crate) struct Problem {
@@ -42,6 +44,8 @@ pub struct GatewayConfig {
     pub admin_token: Option<String>,
     pub limits: limit::Settings,
     pub cache: crate::cache::Settings,
+    /// Certificates and TLS listeners.
+    pub tls: Arc<crate::tls::TlsSpec>,
 }
 
 /// A tier's policy (limits are enforced by the rate limiter).
@@ -56,6 +60,8 @@ pub struct TierSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
     pub listen: Vec<SocketAddr>,
+    /// TLS listeners (their settings are in `GatewayConfig::tls`).
+    pub listen_tls: Vec<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub threads: usize,
     pub grace_period: Duration,
@@ -160,13 +166,14 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
     let admin_token = compile_admin(&mut c, &file.admin);
     let limits = compile_limits(&mut c, &file);
     let cache = compile_cache(&mut c, &file);
+    let tls = tls::compile(&mut c, &file, base_dir);
     let tier_algos: Vec<Option<Algo>> = tiers.iter().map(tier_algo).collect();
 
     let mut upstreams = Vec::with_capacity(file.upstreams.len());
     let mut upstream_index = HashMap::new();
     for (name, section) in &file.upstreams {
         upstream_index.insert(name.as_str(), upstreams.len());
-        upstreams.push(compile_upstream(&mut c, name, section));
+        upstreams.push(compile_upstream(&mut c, name, section, base_dir));
     }
 
     let mut routes = Vec::with_capacity(file.routes.len());
@@ -212,6 +219,7 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
             admin_token,
             limits,
             cache,
+            tls: Arc::new(tls),
         })
     } else {
         Err(c.problems)
@@ -228,12 +236,21 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         .enumerate()
         .filter_map(|(i, a)| socket_addr(c, format!("server.listen[{i}]"), a))
         .collect();
+    let listen_tls = tls::listen_addrs(c, s);
+    for (i, a) in listen_tls.iter().enumerate() {
+        if listen.contains(a) || listen_tls[..i].contains(a) {
+            c.err(
+                format!("server.listen_tls[{i}].addr"),
+                format!("{a} is already a listen address"),
+            );
+        }
+    }
     let admin_listen = s
         .admin_listen
         .as_deref()
         .and_then(|a| socket_addr(c, "server.admin_listen".into(), a));
     if let Some(admin) = admin_listen {
-        if listen.contains(&admin) {
+        if listen.contains(&admin) || listen_tls.contains(&admin) {
             c.err(
                 "server.admin_listen",
                 "must differ from every proxy listen address",
@@ -263,6 +280,7 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         #[cfg(feature = "otlp")]
         otlp,
         listen,
+        listen_tls,
         admin_listen,
         threads,
         grace_period: s.grace_period,
@@ -400,8 +418,24 @@ fn compile_otlp(
     })
 }
 
-fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> UpstreamSpec {
+fn compile_upstream(
+    c: &mut Check,
+    name: &str,
+    u: &schema::UpstreamSection,
+    base_dir: &Path,
+) -> UpstreamSpec {
     let at = format!("upstreams.{name}");
+    let first_host = u
+        .backends
+        .first()
+        .and_then(|b| b.addr.rsplit_once(':'))
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .filter(|h| h.parse::<std::net::IpAddr>().is_err());
+    let upstream_tls = u
+        .tls
+        .as_ref()
+        .map(|t| tls::upstream(c, &at, t, first_host, base_dir));
+    let http2 = u.protocol == schema::UpstreamProtocol::Http2;
     if u.backends.is_empty() {
         c.err(format!("{at}.backends"), "at least one backend is needed");
     }
@@ -478,6 +512,8 @@ fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> U
             healthy_after: c.range(format!("{hat}.healthy_after"), h.healthy_after, 1, 100) as u32,
             unhealthy_after: c.range(format!("{hat}.unhealthy_after"), h.unhealthy_after, 1, 100)
                 as u32,
+            tls: upstream_tls.clone(),
+            http2,
         }
     });
     UpstreamSpec {
@@ -524,6 +560,9 @@ fn compile_upstream(c: &mut Check, name: &str, u: &schema::UpstreamSection) -> U
             .breaker
             .as_ref()
             .map(|b| compile_breaker(c, &format!("{at}.breaker"), b)),
+        max_h2_streams: c.range(format!("{at}.max_h2_streams"), u.max_h2_streams, 1, 10_000),
+        tls: upstream_tls,
+        http2,
     }
 }
 
@@ -1147,6 +1186,8 @@ fn compile_route(
             .cache
             .as_ref()
             .map(|cache| compile_route_cache(c, at, cache, mode)),
+        redirect_https: r.redirect_https,
+        hsts: tls::hsts(c, at, r.hsts.as_deref()),
     })
 }
 

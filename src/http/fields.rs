@@ -45,9 +45,10 @@ pub static X_RATELIMIT_REMAINING: Field =
     Field::new("X-RateLimit-Remaining", "x-ratelimit-remaining");
 pub static X_RATELIMIT_RESET: Field = Field::new("X-RateLimit-Reset", "x-ratelimit-reset");
 pub static RETRY_AFTER: Field = Field::new("Retry-After", "retry-after");
+pub static HSTS: Field = Field::new("Strict-Transport-Security", "strict-transport-security");
 
 /// Every field above (for the spelling test and documentation).
-pub static ALL: [&Field; 7] = [
+pub static ALL: [&Field; 8] = [
     &REQUEST_ID,
     &RATELIMIT_POLICY,
     &RATELIMIT,
@@ -55,6 +56,7 @@ pub static ALL: [&Field; 7] = [
     &X_RATELIMIT_REMAINING,
     &X_RATELIMIT_RESET,
     &RETRY_AFTER,
+    &HSTS,
 ];
 
 /// How response field names are written (`server.preserve_header_case`).

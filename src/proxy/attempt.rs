@@ -156,6 +156,7 @@ pub async fn next_peer(session: &Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>
         .unwrap_or(Duration::from_millis(1));
     Ok(Box::new(crate::upstream::peer(
         spec.backends[index].addr,
+        spec,
         &t,
         remaining,
     )))

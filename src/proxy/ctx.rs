@@ -50,6 +50,8 @@ pub struct Ctx {
     /// Routes with a cache policy only.
     pub cache: Option<Box<crate::cache::Ctx>>,
     pub head: HeadFacts,
+    /// The request came over TLS.
+    pub tls: bool,
 }
 
 /// The attempt in progress: which backend, whether it holds a half-open probe slot, and whether
@@ -119,6 +121,7 @@ impl Ctx {
             in_flight: None,
             cache: None,
             head: HeadFacts::UNKNOWN,
+            tls: false,
         }
     }
 

@@ -29,11 +29,17 @@ fn limit_fields(ctx: &Ctx, add: impl FnMut(&'static Field, HeaderValue)) {
 /// client, spelled as `server.preserve_header_case` says.
 pub fn add_fields(resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
     let limited = !matches!(ctx.limit, limit::Outcome::Unlimited);
-    let at_most = 1 + if limited { limit::MAX_FIELDS } else { 0 };
+    let at_most = 2 + if limited { limit::MAX_FIELDS } else { 0 };
     let mut add = fields::Adder::new(resp, ctx.snapshot.server.header_case, at_most);
     if ctx.snapshot.server.request_id_header {
         if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
             add.insert(&fields::REQUEST_ID, v);
+        }
+    }
+    // HSTS only over TLS (RFC 6797 §7.2: a plain-HTTP response must not carry it).
+    if ctx.tls {
+        if let Some(v) = ctx.route().and_then(|r| r.route.hsts.clone()) {
+            add.insert(&fields::HSTS, v);
         }
     }
     if limited {

@@ -143,7 +143,8 @@ pub fn prepare(
         upstream_request.insert_header(H_XFF, xff)?;
     }
     // Set, never trusted from the client.
-    upstream_request.insert_header(H_XFP, HeaderValue::from_static("http"))?;
+    let proto = if ctx.tls { "https" } else { "http" };
+    upstream_request.insert_header(H_XFP, HeaderValue::from_static(proto))?;
     if let Some(h) = host {
         upstream_request.insert_header(H_XFH, h)?;
     }

@@ -7,8 +7,9 @@
 //! new_ctx                        pin the snapshot for the whole request (ctx)
 //! init_downstream_modules        response compression, off until a route turns it on
 //! early_request_filter           keep-alive, request id, trace, route match, compression (start)
-//! request_filter                 head checks -> admission plan -> cache -> healthy backend?;
-//!                                any of them may answer here (admit, caching, respond)
+//! request_filter                 head checks -> HTTPS redirect -> admission plan -> cache ->
+//!                                healthy backend?; any of them may answer here (admit,
+//!                                caching, respond)
 //! request_body_filter            the body's size and time limits as it streams (admit)
 //! upstream_peer                  pick a healthy, untried backend; every timeout (attempt)
 //! fail_to_connect                nothing was sent: retry elsewhere within the budget (attempt)
@@ -92,6 +93,10 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let mut verdict = admit::check_head(session, ctx);
+        if verdict.is_ok() && !ctx.tls && ctx.route().is_some_and(|r| r.route.redirect_https) {
+            Box::pin(respond::redirect_https(session, ctx)).await?;
+            return Ok(true);
+        }
         if verdict.is_ok() && admit::plan_pending(ctx) {
             verdict = admit::run_plan(&self.limiter, session, ctx).await;
         }

@@ -101,3 +101,31 @@ pub async fn failed(session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToPr
         can_reuse_downstream: false,
     }
 }
+
+/// A plain-HTTP request on a `redirect_https` route: `308` to the same host, path and query
+/// over HTTPS (on the first TLS listener's port when it is not 443). A request without a
+/// usable host gets the usual 400.
+pub async fn redirect_https(session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+    let req = session.req_header();
+    let host = crate::http::rules::request_host(req);
+    let host = crate::route::normalize_host(host);
+    if host.is_empty() {
+        return refuse(session, ctx, GatewayError::BadRequest).await;
+    }
+    let port = match ctx.snapshot.server.listen_tls.first().map(|a| a.port()) {
+        Some(p) if p != 443 => format!(":{p}"),
+        _ => String::new(),
+    };
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{target}");
+    let mut resp = ResponseHeader::build(308, Some(4))?;
+    resp.insert_header(http::header::LOCATION, location)?;
+    resp.insert_header(http::header::CONTENT_LENGTH, "0")?;
+    super::fields::add_fields(&mut resp, ctx)?;
+    ctx.error = None;
+    let keepalive = session
+        .is_body_empty()
+        .then_some(ctx.snapshot.keepalive_secs);
+    session.set_keepalive(keepalive);
+    session.write_response_header(Box::new(resp), true).await
+}

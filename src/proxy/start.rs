@@ -27,6 +27,7 @@ pub fn begin(draining: bool, session: &mut Session, ctx: &mut Ctx) {
     }
     // A stalled request body: the longest pause between two reads.
     session.set_read_timeout(Some(ctx.snapshot.server.body_timeout));
+    ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
     let req = session.req_header();
     let server = &ctx.snapshot.server;
     if server.request_id_header || server.access_log != observe::LogTarget::Off {

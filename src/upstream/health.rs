@@ -46,7 +46,10 @@ fn checker(spec: &HealthSpec, addr: SocketAddr) -> Box<dyn HealthCheck + Send + 
         }
         HealthKind::Http => {
             let host = spec.host.clone().unwrap_or_else(|| addr.to_string());
-            let mut check = HttpHealthCheck::new(&host, false);
+            let mut check = HttpHealthCheck::new(&host, spec.tls.is_some());
+            // The upstream's own transport: TLS settings (SNI, verification, CA, client
+            // certificate) and HTTP version.
+            check.peer_template = super::transport_peer(addr, spec.tls.as_ref(), spec.http2, 1);
             if let Ok(mut req) = RequestHeader::build("GET", spec.path.as_bytes(), None) {
                 let _ = req.insert_header("Host", host.as_str());
                 let _ = req.insert_header("User-Agent", "tollgate-health-check");

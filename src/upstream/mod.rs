@@ -18,7 +18,9 @@ pub mod breaker;
 pub mod health;
 mod spec;
 
-pub use spec::{BackendSpec, Balance, HashKey, HealthKind, HealthSpec, Timeouts, UpstreamSpec};
+pub use spec::{
+    BackendSpec, Balance, HashKey, HealthKind, HealthSpec, Timeouts, UpstreamSpec, UpstreamTls,
+};
 
 use backend::BackendState;
 use breaker::{Admit, Outcome, RetryBudget, State};
@@ -26,19 +28,55 @@ use breaker::{Admit, Outcome, RetryBudget, State};
 use crate::clock::MonoMs;
 use crate::metrics;
 
-/// A plain-HTTP peer for `addr` with every timeout set (pingora's defaults are none), none
-/// longer than what is `remaining` of the request's total time.
+/// A peer for `addr` with every timeout set (pingora's defaults are none), none longer than
+/// what is `remaining` of the request's total time, and the upstream's TLS and HTTP version.
 pub fn peer(
     addr: SocketAddr,
+    spec: &UpstreamSpec,
     t: &Timeouts,
     remaining: Duration,
 ) -> pingora_core::upstreams::peer::HttpPeer {
-    let mut peer = pingora_core::upstreams::peer::HttpPeer::new(addr, false, String::new());
+    let mut peer = transport_peer(addr, spec.tls.as_ref(), spec.http2, spec.max_h2_streams);
     peer.options.connection_timeout = Some(t.connect.min(remaining));
     peer.options.total_connection_timeout = Some(t.connect.min(remaining));
     peer.options.read_timeout = Some(t.read.min(remaining));
     peer.options.write_timeout = Some(t.write.min(remaining));
     peer.options.idle_timeout = Some(t.idle);
+    peer
+}
+
+/// A peer with the upstream's TLS settings and HTTP version, no timeouts (health checks set
+/// their own).
+pub fn transport_peer(
+    addr: SocketAddr,
+    tls: Option<&UpstreamTls>,
+    http2: bool,
+    max_h2_streams: usize,
+) -> pingora_core::upstreams::peer::HttpPeer {
+    let mut peer = match tls {
+        Some(tls) => {
+            // Without a name, the backend's IP is the name to verify (an IP SAN); rustls sends
+            // no SNI for an IP.
+            let name = if tls.sni.is_empty() {
+                addr.ip().to_string()
+            } else {
+                tls.sni.clone()
+            };
+            let mut p = pingora_core::upstreams::peer::HttpPeer::new(addr, true, name);
+            p.options.verify_cert = tls.verify;
+            p.options.verify_hostname = tls.verify;
+            p.options.ca = tls.ca.clone();
+            p.client_cert_key = tls.client.clone();
+            p
+        }
+        None => pingora_core::upstreams::peer::HttpPeer::new(addr, false, String::new()),
+    };
+    if http2 {
+        // Over TLS: offer h2 then http/1.1 by ALPN. In plain text: h2c by prior knowledge.
+        let min = if tls.is_some() { 1 } else { 2 };
+        peer.options.set_http_version(2, min);
+        peer.options.max_h2_streams = max_h2_streams.max(1);
+    }
     peer
 }
 
@@ -298,6 +336,9 @@ mod tests {
             backoff: Duration::from_millis(1),
             backoff_max: Duration::from_millis(10),
             breaker: None,
+            tls: None,
+            http2: false,
+            max_h2_streams: 1,
         }
     }
 

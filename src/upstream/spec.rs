@@ -24,6 +24,45 @@ pub struct UpstreamSpec {
     pub backoff: Duration,
     pub backoff_max: Duration,
     pub breaker: Option<BreakerSpec>,
+    /// Connect over TLS.
+    pub tls: Option<UpstreamTls>,
+    /// Speak HTTP/2 to the backends (by ALPN over TLS, by prior knowledge in plain text).
+    pub http2: bool,
+    /// HTTP/2 streams per backend connection.
+    pub max_h2_streams: usize,
+}
+
+/// How to connect to an HTTPS upstream.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// Sent as SNI and verified against the certificate; empty: the backend's IP is verified
+    /// (and no SNI is sent).
+    pub sni: String,
+    pub verify: bool,
+    /// Verify against these CAs instead of the system's trust store.
+    pub ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
+    /// Present this certificate to the backend.
+    pub client: Option<Arc<pingora_core::utils::tls::CertKey>>,
+    /// The files the material came from (ca, client cert, client key): equality and display.
+    pub source: [Option<String>; 3],
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.sni == other.sni && self.verify == other.verify && self.source == other.source
+    }
+}
+
+impl Eq for UpstreamTls {}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("sni", &self.sni)
+            .field("verify", &self.verify)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +112,9 @@ pub struct HealthSpec {
     pub timeout: Duration,
     pub healthy_after: u32,
     pub unhealthy_after: u32,
+    /// HTTP checks go over TLS (and HTTP/2) when the upstream's requests do.
+    pub tls: Option<UpstreamTls>,
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

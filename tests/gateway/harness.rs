@@ -55,6 +55,8 @@ where
 /// One request as a mock upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// `HTTP/1.1`, `HTTP/2.0`.
+    pub version: String,
     pub method: String,
     pub uri: String,
     pub headers: HashMap<String, String>,
@@ -91,6 +93,7 @@ async fn handle(State(s): State<Arc<MockState>>, req: Request) -> Response {
     }
     s.hits.fetch_add(1, Ordering::Relaxed);
     let seen = Seen {
+        version: format!("{:?}", req.version()),
         method: req.method().to_string(),
         uri: req.uri().to_string(),
         headers: req
@@ -377,6 +380,8 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub admin_port: u16,
+    /// A third free port, for a TLS listener: `{tls}` in `server_extra` is replaced by it.
+    pub tls_port: u16,
     pub config_path: PathBuf,
     pub child: Child,
     server_extra: String,
@@ -399,7 +404,7 @@ impl Gateway {
             self.admin_port,
             self.dir.path().join("tollgate.pid").display(),
             self.dir.path().join("upgrade.sock").display(),
-            self.server_extra
+            self.server_extra.replace("{tls}", &self.tls_port.to_string())
         )
     }
 
@@ -411,10 +416,11 @@ impl Gateway {
     pub async fn start_with(body: &str, server_extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("tollgate.yaml");
-        let [port, admin_port] = free_ports();
+        let [port, admin_port, tls_port] = free_ports();
         let mut gw = Self {
             port,
             admin_port,
+            tls_port,
             config_path,
             child: Command::new("true").spawn().expect("placeholder"),
             dir,
@@ -427,7 +433,7 @@ impl Gateway {
             match gw.wait_ready().await {
                 Ok(()) => return gw,
                 Err(log) if attempt < 4 && log.contains("in use") => {
-                    [gw.port, gw.admin_port] = free_ports();
+                    [gw.port, gw.admin_port, gw.tls_port] = free_ports();
                     gw.write(body);
                     let _ = std::fs::remove_file(gw.dir.path().join("gateway.log"));
                 }
@@ -466,6 +472,11 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// `https://HOST:<tls port>PATH` (resolve HOST to 127.0.0.1 in the client).
+    pub fn tls_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.tls_port)
     }
 
     pub fn admin(&self, path: &str) -> String {

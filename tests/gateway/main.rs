@@ -19,3 +19,4 @@ mod ratelimit;
 mod reload;
 mod resilience;
 mod routing;
+mod tls;

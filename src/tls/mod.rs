@@ -1,0 +1,439 @@
+//! TLS termination: certificate files loaded and checked (they parse, the key matches, they are
+//! valid now, their names cover the hosts the config gives them), one certificate chosen per
+//! handshake by SNI (exact name, then wildcard, then the default), and one rustls
+//! `ServerConfig` per TLS listener, built with every config generation. A listener's acceptor
+//! is swapped atomically when a generation is published ([`Acceptors`]): new handshakes get the
+//! new certificates, established connections keep theirs.
+//!
+//! The library is rustls with the ring provider: a pure-Rust build (no cmake, no system
+//! OpenSSL), TLS 1.2 and 1.3 only, and session resumption by tickets and by session id. How
+//! it compares with NGINX (OpenSSL) per handshake and per request: docs/tls.md.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+
+use arc_swap::ArcSwap;
+use pingora_core::listeners::tls::Acceptor;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, SignatureAlgorithm};
+
+use pingora_core::protocols::tls::CaType;
+use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
+
+mod names;
+
+pub use names::{covers, normalize_name};
+
+/// Certificates with less time left than this are logged as a warning (at load, at each
+/// reload, and twice a day).
+pub const EXPIRY_WARNING_SECS: i64 = 14 * 24 * 3600;
+
+/// One certificate/key pair from the config, loaded and checked.
+#[derive(Debug)]
+pub struct Certificate {
+    /// The config's name for it (`tls.certificates[].name`).
+    pub name: String,
+    pub cert_file: PathBuf,
+    /// The DNS names the leaf certificate is valid for (its subjectAltName DNS entries, or its
+    /// subject's common name when it has none), lowercased; `*.example.com` for wildcards.
+    pub names: Vec<String>,
+    pub subject: String,
+    pub issuer: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// `RSA`, `ECDSA` or `Ed25519`.
+    pub key_type: &'static str,
+    /// The chain and the signing key, as rustls serves them.
+    pub key: Arc<CertifiedKey>,
+}
+
+/// The crypto provider every TLS piece of the gateway uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} file {}: {e}", path.display()))
+}
+
+/// Load the PEM chain at `cert_file` (leaf first) and the PEM private key at `key_file`
+/// (PKCS#8, PKCS#1 or SEC1), and check them at `now` (Unix seconds). The error says which file
+/// and what is wrong with it.
+/// The error names the config field at fault (`cert_file` or `key_file`) and says what is
+/// wrong.
+pub fn load_certificate(
+    name: &str,
+    cert_file: &Path,
+    key_file: &Path,
+    now: i64,
+) -> Result<Certificate, (&'static str, String)> {
+    let cert_err = |m: String| ("cert_file", m);
+    let key_err = |m: String| ("key_file", m);
+    let (chain, parsed_leaf) = read_chain(cert_file).map_err(cert_err)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&parsed_leaf)
+        .map_err(|e| cert_err(format!("{}: {e}", cert_file.display())))?;
+    let key_pem = read(key_file, "key").map_err(key_err)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        key_err(format!(
+            "{}: no private key (PKCS#8, PKCS#1 or SEC1 PEM) found: {e:?}",
+            key_file.display()
+        ))
+    })?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| key_err(format!("{}: unusable private key: {e}", key_file.display())))?;
+    let key_type = match signing.algorithm() {
+        SignatureAlgorithm::RSA => "RSA",
+        SignatureAlgorithm::ECDSA => "ECDSA",
+        SignatureAlgorithm::ED25519 => "Ed25519",
+        _ => "other",
+    };
+    let certified = CertifiedKey::new(chain.clone(), signing);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(_) => {
+            return Err(key_err(format!(
+                "the key in {} does not match the certificate in {}",
+                key_file.display(),
+                cert_file.display()
+            )))
+        }
+    }
+    let validity = parsed.validity();
+    let (not_before, not_after) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    if not_after <= now {
+        return Err(cert_err(format!(
+            "{}: the certificate expired at {} (not after)",
+            cert_file.display(),
+            validity.not_after
+        )));
+    }
+    if not_before > now {
+        return Err(cert_err(format!(
+            "{}: the certificate is not valid before {}",
+            cert_file.display(),
+            validity.not_before
+        )));
+    }
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(normalize_name(d));
+            }
+        }
+    }
+    if names.is_empty() {
+        if let Some(cn) = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+        {
+            names.push(normalize_name(cn));
+        }
+    }
+    Ok(Certificate {
+        name: name.to_string(),
+        cert_file: cert_file.to_path_buf(),
+        names,
+        subject: parsed.subject().to_string(),
+        issuer: parsed.issuer().to_string(),
+        not_before,
+        not_after,
+        key_type,
+        key: Arc::new(certified),
+    })
+}
+
+/// A PEM chain (leaf first) and a copy of its leaf's DER, checked to be X.509.
+fn read_chain(path: &Path) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), String> {
+    let pem = read(path, "certificate")?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e:?}", path.display()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(format!(
+            "{}: no certificate (no `-----BEGIN CERTIFICATE-----` block)",
+            path.display()
+        ));
+    };
+    for (i, c) in chain.iter().enumerate() {
+        if let Err(e) = x509_parser::parse_x509_certificate(c.as_ref()) {
+            return Err(format!(
+                "{}: certificate {} is not valid X.509: {e}",
+                path.display(),
+                i + 1
+            ));
+        }
+    }
+    let leaf = leaf.to_vec();
+    Ok((chain, leaf))
+}
+
+/// A CA bundle to verify upstream certificates against.
+pub fn load_ca(path: &Path) -> Result<Arc<CaType>, String> {
+    let (chain, _) = read_chain(path)?;
+    let cas: Vec<WrappedX509> = chain
+        .into_iter()
+        .map(|c| WrappedX509::new(c.to_vec(), parse_x509))
+        .collect();
+    Ok(Arc::from(cas.into_boxed_slice()))
+}
+
+/// A client certificate and key for upstream mTLS, checked like a served pair.
+pub fn load_client_pair(
+    cert_file: &Path,
+    key_file: &Path,
+    now: i64,
+) -> Result<Arc<CertKey>, (&'static str, String)> {
+    let cert = load_certificate("client", cert_file, key_file, now)?;
+    let key_pem = read(key_file, "key").map_err(|e| ("key_file", e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| ("key_file", format!("{}: {e:?}", key_file.display())))?;
+    let der = key.secret_der().to_vec();
+    let chain = cert.key.cert.iter().map(|c| c.to_vec()).collect();
+    Ok(Arc::new(CertKey::new(chain, der)))
+}
+
+/// The certificates of one config generation, indexed by the names they serve.
+#[derive(Debug, Default)]
+pub struct CertTable {
+    exact: HashMap<String, Vec<Arc<CertifiedKey>>>,
+    /// `*.example.com` is filed under `example.com`.
+    wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
+    /// For clients without SNI, and names no certificate covers; `None`: refuse the handshake.
+    default: Option<Vec<Arc<CertifiedKey>>>,
+}
+
+impl CertTable {
+    /// Index `certs` by their names; `default`: the index of the certificate for clients that
+    /// send no SNI or a name no certificate has. Several certificates for one name (an RSA and
+    /// an ECDSA pair, say) are all kept: the handshake takes the first the client can verify.
+    pub fn new(certs: &[Arc<Certificate>], default: Option<usize>) -> Self {
+        let mut table = Self::default();
+        for c in certs {
+            for n in &c.names {
+                let slot = match n.strip_prefix("*.") {
+                    Some(parent) => table.wildcard.entry(parent.to_string()).or_default(),
+                    None => table.exact.entry(n.clone()).or_default(),
+                };
+                slot.push(c.key.clone());
+            }
+        }
+        table.default = default.and_then(|i| certs.get(i)).map(|c| {
+            // The default's own pair first, then any other key type for the same names.
+            let mut keys = vec![c.key.clone()];
+            for other in certs {
+                if !Arc::ptr_eq(&other.key, &c.key) && other.names == c.names {
+                    keys.push(other.key.clone());
+                }
+            }
+            keys
+        });
+        table
+    }
+
+    /// The candidates for `server_name` (as the client sent it), most specific first.
+    pub fn lookup(&self, server_name: Option<&str>) -> Option<&[Arc<CertifiedKey>]> {
+        let found = server_name.and_then(|n| {
+            let n = normalize_name(n);
+            self.exact.get(&n).or_else(|| {
+                let (_, parent) = n.split_once('.')?;
+                self.wildcard.get(parent)
+            })
+        });
+        found.or(self.default.as_ref()).map(Vec::as_slice)
+    }
+}
+
+impl ResolvesServerCert for CertTable {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let candidates = self.lookup(hello.server_name())?;
+        match candidates {
+            [only] => Some(only.clone()),
+            _ => candidates
+                .iter()
+                .find(|k| k.key.choose_scheme(hello.signature_schemes()).is_some())
+                .or(candidates.first())
+                .cloned(),
+        }
+    }
+}
+
+/// The lowest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinVersion {
+    Tls12,
+    Tls13,
+}
+
+impl MinVersion {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text
+            .trim()
+            .trim_start_matches("TLS")
+            .trim_start_matches("tls")
+        {
+            "1.2" | "v1.2" | "1_2" => Some(Self::Tls12),
+            "1.3" | "v1.3" | "1_3" => Some(Self::Tls13),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls12 => "1.2",
+            Self::Tls13 => "1.3",
+        }
+    }
+}
+
+/// One TLS listener of a config generation.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub min_version: MinVersion,
+    /// Offer `h2` by ALPN (next to `http/1.1`).
+    pub http2: bool,
+    pub config: Arc<ServerConfig>,
+}
+
+/// Everything TLS in one config generation.
+#[derive(Debug, Clone, Default)]
+pub struct TlsSpec {
+    pub certificates: Vec<Arc<Certificate>>,
+    pub listeners: Vec<ListenerSpec>,
+}
+
+/// Session ids and tickets survive reloads: one cache and one ticket key rotation per process.
+fn resumption() -> (
+    Arc<dyn rustls::server::StoresServerSessions>,
+    Option<Arc<dyn rustls::server::ProducesTickets>>,
+) {
+    static STORE: LazyLock<Arc<ServerSessionMemoryCache>> =
+        LazyLock::new(|| ServerSessionMemoryCache::new(20_000));
+    static TICKETS: LazyLock<Option<Arc<dyn rustls::server::ProducesTickets>>> =
+        LazyLock::new(|| rustls::crypto::ring::Ticketer::new().ok());
+    (STORE.clone(), TICKETS.clone())
+}
+
+/// The rustls configuration of one listener.
+pub fn server_config(
+    table: Arc<CertTable>,
+    min_version: MinVersion,
+    http2: bool,
+) -> Result<Arc<ServerConfig>, String> {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match min_version {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(table);
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let (store, tickets) = resumption();
+    config.session_storage = store;
+    if let Some(t) = tickets {
+        config.ticketer = t;
+    }
+    Ok(Arc::new(config))
+}
+
+/// The acceptor each TLS listener takes its next handshake from, swapped at every published
+/// generation. Indexed like `TlsSpec::listeners` of the first generation (listener addresses
+/// change only through a binary upgrade).
+#[derive(Default)]
+pub struct Acceptors {
+    slots: Vec<(SocketAddr, Arc<ArcSwap<Acceptor>>)>,
+}
+
+impl Acceptors {
+    pub fn new(spec: &TlsSpec) -> Self {
+        Self {
+            slots: spec
+                .listeners
+                .iter()
+                .map(|l| {
+                    let acceptor = Acceptor::from_server_config(l.config.clone());
+                    (l.addr, Arc::new(ArcSwap::from_pointee(acceptor)))
+                })
+                .collect(),
+        }
+    }
+
+    /// The slot a listener's front end reads.
+    pub fn slot(&self, addr: SocketAddr) -> Option<Arc<ArcSwap<Acceptor>>> {
+        self.slots
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Follow a new generation: each running listener gets its new configuration.
+    pub fn follow(&self, spec: &TlsSpec) {
+        for (addr, slot) in &self.slots {
+            if let Some(l) = spec.listeners.iter().find(|l| l.addr == *addr) {
+                slot.store(Arc::new(Acceptor::from_server_config(l.config.clone())));
+            }
+        }
+    }
+}
+
+/// Why a handshake failed, as a bounded metric label. Pingora keeps only the text of the
+/// rustls or I/O error (in the error's context, with no cause), so the label is read from it.
+pub fn failure_reason(e: &pingora_error::Error) -> &'static str {
+    failure_reason_of(&e.to_string())
+}
+
+fn failure_reason_of(text: &str) -> &'static str {
+    const REASONS: [(&str, &str); 10] = [
+        ("no server certificate chain resolved", "unknown_name"),
+        ("peer is incompatible", "incompatible"),
+        ("peer sent no certificates", "no_client_certificate"),
+        ("invalid peer certificate", "bad_client_certificate"),
+        ("received fatal alert", "alert_received"),
+        ("received corrupt message", "malformed"),
+        ("peer misbehaved", "misbehaved"),
+        ("unexpected message", "malformed"),
+        ("eof", "closed"),
+        ("reset by peer", "closed"),
+    ];
+    let lower = text.to_ascii_lowercase();
+    REASONS
+        .iter()
+        .find(|(needle, _)| lower.contains(needle))
+        .map_or("other", |(_, reason)| reason)
+}
+
+/// The negotiated version (as pingora's digest spells it, `TLSv1_3`) as a metric label.
+pub fn version_label(digest_version: &str) -> &'static str {
+    match digest_version {
+        "TLSv1_3" | "TLSv1.3" => "1.3",
+        "TLSv1_2" | "TLSv1.2" => "1.2",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests;
