@@ -106,9 +106,16 @@ fn identity_bench(c: &mut Criterion) {
     with_key.insert("x-api-key", http::HeaderValue::from_static(key));
     c.bench_function("identity/yaml_key", |b| {
         b.iter(|| {
-            identity::authenticate(&cfg.identity, None, &policy, black_box(&with_key), None)
-                .now_or_never()
-                .expect("no await on this path")
+            identity::authenticate(
+                &cfg.identity,
+                None,
+                &policy,
+                black_box(&with_key),
+                None,
+                None,
+            )
+            .now_or_never()
+            .expect("no await on this path")
         })
     });
     let claims = serde_json::json!({"sub": "carol", "tier": "pro", "exp": 4_000_000_000u64});
@@ -135,9 +142,16 @@ fn identity_bench(c: &mut Criterion) {
         );
         c.bench_function(name, |b| {
             b.iter(|| {
-                identity::authenticate(&cfg.identity, None, &policy, black_box(&headers), None)
-                    .now_or_never()
-                    .expect("no await on this path")
+                identity::authenticate(
+                    &cfg.identity,
+                    None,
+                    &policy,
+                    black_box(&headers),
+                    None,
+                    None,
+                )
+                .now_or_never()
+                .expect("no await on this path")
             })
         });
     }

@@ -75,6 +75,28 @@ pub struct TlsListenerSection {
     /// Offer HTTP/2 by ALPN next to HTTP/1.1.
     #[serde(default = "yes")]
     pub http2: bool,
+    /// Ask clients for a certificate, verified against `ca_file` (mTLS).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthSection {
+    /// PEM bundle of the CAs client certificates must chain to.
+    pub ca_file: String,
+    /// `optional`: a client without a certificate is served (anonymous unless it sends another
+    /// credential); `required`: it is refused at the handshake.
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    #[default]
+    Optional,
+    Required,
 }
 
 fn default_min_tls() -> String {
@@ -239,6 +261,25 @@ pub struct ConsumerSection {
     /// `sha256:<64 hex digits>` (from `tollgate key new` / `tollgate key hash`); never plain keys.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// Client certificates (verified by a TLS listener's `client_auth`) that identify this
+    /// consumer: each entry gives exactly one of `sha256`, `subject` or `san`.
+    #[serde(default)]
+    pub client_certs: Vec<ClientCertSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertSection {
+    /// SHA-256 fingerprint of the certificate (DER), hex, colons allowed.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// The subject's distinguished name as `openssl x509 -subject -nameopt RFC2253` prints it
+    /// reversed, e.g. `CN=alice, O=Example` (spaces after commas optional).
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// One subjectAltName entry: a DNS name, an e-mail address or a URI.
+    #[serde(default)]
+    pub san: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -830,6 +830,7 @@ fn compile_identity(
     base_dir: &Path,
 ) -> IdentityConfig {
     let mut keys = HashMap::new();
+    let mut certs = identity::CertConsumers::default();
     let mut ids = HashSet::new();
     for (i, cs) in file.consumers.iter().enumerate() {
         let at = format!("consumers[{i}]");
@@ -864,6 +865,14 @@ fn compile_identity(
             tier,
             roles: cs.roles.iter().map(|r| Arc::from(r.as_str())).collect(),
         });
+        for (j, m) in cs.client_certs.iter().enumerate() {
+            let mat = format!("{at}.client_certs[{j}]");
+            if let Some(m) = tls::client_cert_match(c, &mat, m) {
+                if !certs.insert(m, consumer.clone()) {
+                    c.err(mat, "another consumer already has this certificate");
+                }
+            }
+        }
         for (j, k) in cs.api_keys.iter().enumerate() {
             match keys::parse_hash(k) {
                 Ok(h) => {
@@ -951,6 +960,7 @@ fn compile_identity(
         jwt,
         default_jwt_tier,
         key_cache_ttl: a.key_cache_ttl,
+        certs,
     }
 }
 

@@ -9,6 +9,11 @@
 //! together with a query key are refused with 401 `ambiguous_credentials`; the gateway never
 //! guesses which one the client meant. The `Bearer` scheme name is case-insensitive
 //! (RFC 9110 §11.1); other schemes (Basic, ...) are not gateway credentials and pass through.
+//!
+//! A client certificate (verified by a TLS listener's `client_auth`) belongs to the connection,
+//! not to the request: it identifies the caller (method `mtls`) when the request itself carries
+//! no key or token, and a certificate no consumer lists counts as no credential. A request
+//! credential on an mTLS connection is used as on any other connection.
 
 pub mod issued;
 pub mod jwt;
@@ -37,6 +42,7 @@ pub enum Method {
     None,
     ApiKey,
     Jwt,
+    Mtls,
 }
 
 impl Method {
@@ -45,6 +51,7 @@ impl Method {
             Self::None => "none",
             Self::ApiKey => "api_key",
             Self::Jwt => "jwt",
+            Self::Mtls => "mtls",
         }
     }
 }
@@ -120,6 +127,44 @@ pub struct IdentityConfig {
     pub jwt: Option<jwt::JwtVerifier>,
     pub default_jwt_tier: TierId,
     pub key_cache_ttl: Duration,
+    /// Consumers by client certificate.
+    pub certs: CertConsumers,
+}
+
+/// How a consumer's client certificate is recognised (`consumers[].client_certs`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CertMatch {
+    Sha256([u8; 32]),
+    /// Normalised by `tls::normalize_subject`.
+    Subject(String),
+    San(String),
+}
+
+/// Consumers by client certificate, one map per kind of identifier.
+#[derive(Debug, Default)]
+pub struct CertConsumers {
+    pub by_sha256: HashMap<[u8; 32], Arc<Consumer>>,
+    pub by_subject: HashMap<String, Arc<Consumer>>,
+    pub by_san: HashMap<String, Arc<Consumer>>,
+}
+
+impl CertConsumers {
+    /// File `consumer` under `m`; false when another consumer already has it.
+    pub fn insert(&mut self, m: CertMatch, consumer: Arc<Consumer>) -> bool {
+        match m {
+            CertMatch::Sha256(d) => self.by_sha256.insert(d, consumer).is_none(),
+            CertMatch::Subject(s) => self.by_subject.insert(s, consumer).is_none(),
+            CertMatch::San(s) => self.by_san.insert(s, consumer).is_none(),
+        }
+    }
+
+    /// The consumer a certificate identifies: by fingerprint, then subject, then SAN.
+    pub fn find(&self, cert: &crate::tls::ClientCert) -> Option<&Arc<Consumer>> {
+        self.by_sha256
+            .get(&cert.sha256)
+            .or_else(|| self.by_subject.get(&cert.subject))
+            .or_else(|| cert.sans.iter().find_map(|s| self.by_san.get(s)))
+    }
 }
 
 impl std::fmt::Debug for IdentityConfig {
@@ -195,17 +240,33 @@ fn find_credential<'a>(
 }
 
 /// Resolve the caller of a request under `policy`.
+/// `client_cert`: the connection's verified client certificate, if any.
 pub async fn authenticate(
     cfg: &IdentityConfig,
     issued: Option<&IssuedKeys>,
     policy: &Policy,
     headers: &HeaderMap,
     query: Option<&str>,
+    client_cert: Option<&crate::tls::ClientCert>,
 ) -> Result<Identity, AuthError> {
     if policy.mode == Mode::None && policy.roles.is_empty() {
         return Ok(Identity::anonymous());
     }
     let identity = match find_credential(cfg, policy, headers, query)? {
+        Credential::None if client_cert.is_some() => {
+            match client_cert.and_then(|c| cfg.certs.find(c)) {
+                Some(c) => Identity {
+                    consumer: Some(c.id.clone()),
+                    tier: c.tier,
+                    roles: c.roles.clone(),
+                    method: Method::Mtls,
+                },
+                None if policy.mode == Mode::Required || !policy.roles.is_empty() => {
+                    return Err(AuthError::Missing)
+                }
+                None => return Ok(Identity::anonymous()),
+            }
+        }
         Credential::None => {
             if policy.mode == Mode::Required || !policy.roles.is_empty() {
                 return Err(AuthError::Missing);

@@ -36,7 +36,7 @@ fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
 
 async fn auth(p: &Policy, h: &[(&str, &str)], query: Option<&str>) -> Result<Identity, AuthError> {
     let c = cfg();
-    authenticate(&c.identity, None, p, &headers(h), query).await
+    authenticate(&c.identity, None, p, &headers(h), query, None).await
 }
 
 #[tokio::test]

@@ -117,6 +117,10 @@ pub async fn run_plan(
             Step::Authenticate => {
                 let req = session.req_header();
                 let issued = snapshot.shared.as_ref().map(|s| &*s.issued);
+                let client_cert = session
+                    .digest()
+                    .and_then(|d| d.ssl_digest.as_ref())
+                    .and_then(|t| t.extension.get::<crate::tls::ClientCert>());
                 // Boxed: the request future stays small for routes that never authenticate.
                 match Box::pin(identity::authenticate(
                     &snapshot.identity,
@@ -124,6 +128,7 @@ pub async fn run_plan(
                     &route.route.auth,
                     &req.headers,
                     req.uri.query(),
+                    client_cert,
                 ))
                 .await
                 {

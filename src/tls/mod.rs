@@ -310,7 +310,105 @@ pub struct ListenerSpec {
     pub min_version: MinVersion,
     /// Offer `h2` by ALPN (next to `http/1.1`).
     pub http2: bool,
+    /// Client certificates asked for (mTLS): `Some(true)` required, `Some(false)` optional.
+    pub client_auth: Option<bool>,
     pub config: Arc<ServerConfig>,
+}
+
+/// A verified client certificate, as the request path sees it (attached to the connection's
+/// TLS digest by [`ClientCertInfo`] at the end of the handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// SHA-256 of the certificate's DER.
+    pub sha256: [u8; 32],
+    /// Normalised as [`normalize_subject`] does.
+    pub subject: String,
+    /// subjectAltName DNS names, e-mail addresses and URIs.
+    pub sans: Vec<String>,
+}
+
+impl ClientCert {
+    /// Read the identifiers of a certificate (already verified by rustls).
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut sans = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for n in &san.value.general_names {
+                use x509_parser::extensions::GeneralName as G;
+                match n {
+                    G::DNSName(v) | G::RFC822Name(v) | G::URI(v) => sans.push(v.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        let digest = sha256(der);
+        Some(Self {
+            sha256: digest,
+            subject: normalize_subject(&cert.subject().to_string()),
+            sans,
+        })
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// A distinguished name compared without the spaces around its separators:
+/// `CN=alice, O=Example` and `CN=alice,O=Example` are the same subject.
+pub fn normalize_subject(dn: &str) -> String {
+    dn.split(',')
+        .map(|part| {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            format!("{}={}", k.trim().to_ascii_uppercase(), v.trim())
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Attaches the client's certificate ([`ClientCert`]) to the connection's TLS digest, where
+/// every request on the connection (HTTP/1.1 or HTTP/2) finds it.
+pub struct ClientCertInfo;
+
+#[async_trait::async_trait]
+impl pingora_core::listeners::TlsAccept for ClientCertInfo {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &pingora_core::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let cert = ClientCert::from_der(tls.peer_certificate_der()?)?;
+        Some(Arc::new(cert))
+    }
+}
+
+/// The acceptor of one listener: with [`ClientCertInfo`] where client certificates are asked
+/// for (nothing to attach otherwise).
+fn acceptor_for(l: &ListenerSpec) -> Acceptor {
+    if l.client_auth.is_some() {
+        if let Ok(mut settings) =
+            pingora_core::listeners::tls::TlsSettings::with_callbacks(Box::new(ClientCertInfo))
+        {
+            // `build` wants a resolver; the configuration it builds is then replaced by ours.
+            settings.set_cert_resolver(Arc::new(CertTable::default()));
+            let mut acceptor = settings.build();
+            acceptor.acceptor = pingora_core::tls::TlsAcceptor::from(l.config.clone());
+            return acceptor;
+        }
+    }
+    Acceptor::from_server_config(l.config.clone())
+}
+
+/// The CAs client certificates must chain to.
+pub fn load_client_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, String> {
+    let (chain, _) = read_chain(path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in chain {
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+    }
+    Ok(Arc::new(roots))
 }
 
 /// Everything TLS in one config generation.
@@ -332,21 +430,45 @@ fn resumption() -> (
     (STORE.clone(), TICKETS.clone())
 }
 
+/// Client certificates asked for on a listener: the CAs, and whether one is required.
+pub struct ClientAuth {
+    pub roots: Arc<rustls::RootCertStore>,
+    pub required: bool,
+}
+
 /// The rustls configuration of one listener.
 pub fn server_config(
     table: Arc<CertTable>,
     min_version: MinVersion,
     http2: bool,
+    client_auth: Option<&ClientAuth>,
 ) -> Result<Arc<ServerConfig>, String> {
     let versions: &[&'static rustls::SupportedProtocolVersion] = match min_version {
         MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         MinVersion::Tls13 => &[&rustls::version::TLS13],
     };
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
-        .map_err(|e| format!("TLS settings: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(table);
+        .map_err(|e| format!("TLS settings: {e}"))?;
+    let builder = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                auth.roots.clone(),
+                provider(),
+            );
+            let verifier = if auth.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| format!("client certificate CAs: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(table);
     config.alpn_protocols = if http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
@@ -374,10 +496,7 @@ impl Acceptors {
             slots: spec
                 .listeners
                 .iter()
-                .map(|l| {
-                    let acceptor = Acceptor::from_server_config(l.config.clone());
-                    (l.addr, Arc::new(ArcSwap::from_pointee(acceptor)))
-                })
+                .map(|l| (l.addr, Arc::new(ArcSwap::from_pointee(acceptor_for(l)))))
                 .collect(),
         }
     }
@@ -394,7 +513,7 @@ impl Acceptors {
     pub fn follow(&self, spec: &TlsSpec) {
         for (addr, slot) in &self.slots {
             if let Some(l) = spec.listeners.iter().find(|l| l.addr == *addr) {
-                slot.store(Arc::new(Acceptor::from_server_config(l.config.clone())));
+                slot.store(Arc::new(acceptor_for(l)));
             }
         }
     }

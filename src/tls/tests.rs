@@ -115,7 +115,7 @@ fn the_table_prefers_exact_names_then_wildcards_then_the_default() {
     let strict = CertTable::new(&certs, None);
     assert!(strict.lookup(None).is_none());
     assert!(strict.lookup(Some("other.test")).is_none());
-    assert!(server_config(Arc::new(strict), MinVersion::Tls13, true).is_ok());
+    assert!(server_config(Arc::new(strict), MinVersion::Tls13, true, None).is_ok());
 }
 
 #[test]
@@ -129,4 +129,16 @@ fn handshake_failures_are_labelled_from_pingoras_text() {
     );
     assert_eq!(failure_reason_of("tls connect error: early eof"), "closed");
     assert_eq!(failure_reason_of("something new"), "other");
+}
+
+#[test]
+fn subjects_compare_without_spaces_around_separators() {
+    assert_eq!(
+        normalize_subject("CN=alice, O=Example"),
+        "CN=alice,O=Example"
+    );
+    assert_eq!(
+        normalize_subject(" cn = alice ,O=Example"),
+        "CN=alice,O=Example"
+    );
 }

@@ -92,6 +92,35 @@ impl Pki {
     fn leaf(&self, stem: &str, names: &[&str]) -> Leaf {
         self.leaf_with(stem, names, false, (-1, 30))
     }
+
+    /// A client certificate with subject `CN=<cn>, O=Tollgate Tests` and the given SANs
+    /// (`email:` entries are e-mail addresses, others DNS names); returned as reqwest's
+    /// identity with its DER.
+    fn client(&self, cn: &str, sans: &[&str]) -> (reqwest::Identity, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Tollgate Tests");
+        for s in sans {
+            params
+                .subject_alt_names
+                .push(match s.strip_prefix("email:") {
+                    Some(e) => rcgen::SanType::Rfc822Name(e.try_into().expect("email")),
+                    None => rcgen::SanType::DnsName((*s).try_into().expect("dns")),
+                });
+        }
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        let pem = format!("{}{}", cert.pem(), key.serialize_pem());
+        (
+            reqwest::Identity::from_pem(pem.as_bytes()).expect("identity"),
+            cert.der().to_vec(),
+        )
+    }
 }
 
 fn time_now() -> time::OffsetDateTime {
@@ -702,4 +731,159 @@ async fn a_tls_config_with_problems_is_refused_at_start_with_every_location() {
         assert!(line.starts_with(&format!("{}:", path.display())), "{line}");
         assert!(line.contains(words), "{line}");
     }
+}
+
+fn mtls_client(
+    pki: &Pki,
+    gw: &Gateway,
+    id: Option<reqwest::Identity>,
+    h1_only: bool,
+) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(pki.root())
+        .resolve(
+            "api.test",
+            format!("127.0.0.1:{}", gw.tls_port).parse().expect("addr"),
+        )
+        .no_proxy()
+        .timeout(Duration::from_secs(10));
+    if let Some(id) = id {
+        b = b.identity(id);
+    }
+    if h1_only {
+        b = b.http1_only();
+    }
+    b.build().expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_map_to_consumers_with_their_tier_and_roles() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("api", &["api.test"]);
+    let (by_hash, hash_der) = pki.client("hash-client", &[]);
+    let (by_subject, _) = pki.client("subject-client", &[]);
+    let (by_san, _) = pki.client("san-client", &["email:ops@example.test"]);
+    let (unknown, _) = pki.client("nobody", &[]);
+    // A certificate from another CA, with a subject a consumer lists.
+    let other = Pki::new();
+    let (foreign, _) = other.client("subject-client", &[]);
+    let fingerprint: String = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&hash_der))
+    };
+    let up = MockUpstream::start("up").await;
+    let body = format!(
+        "{}tiers:\n  pro: {{ limit: 7, window: 1m }}\nconsumers:\n  - {{ id: hashed, tier: pro, roles: [ops], client_certs: [{{ sha256: \"{fingerprint}\" }}] }}\n  - {{ id: named, tier: enterprise, client_certs: [{{ subject: \"CN=subject-client,O=Tollgate Tests\" }}] }}\n  - {{ id: mailed, tier: free, client_certs: [{{ san: ops@example.test }}] }}\nupstreams:\n  u:\n    backends: [{{ addr: \"{}\" }}]\nroutes:\n  - {{ name: ops, match: {{ path_prefix: /ops }}, upstream: u, auth: required, roles: [ops] }}\n  - {{ name: api, upstream: u, auth: required }}\n",
+        tls_section(&[("api", &leaf, &[])], None),
+        up.addr
+    );
+    let extra = format!(
+        "  listen_tls:\n    - {{ addr: \"127.0.0.1:{{tls}}\", client_auth: {{ ca_file: \"{}\" }} }}\n",
+        pki.ca_file().display()
+    );
+    let gw = Gateway::start_with(&body, &extra).await;
+    let url = gw.tls_url("api.test", "/x");
+    for (id, consumer, tier, h1_only) in [
+        (by_hash.clone(), "hashed", "pro", false),
+        (by_subject.clone(), "named", "enterprise", true),
+        (by_san, "mailed", "free", false),
+    ] {
+        let r = mtls_client(&pki, &gw, Some(id), h1_only)
+            .get(&url)
+            .send()
+            .await
+            .expect("mtls");
+        assert_eq!(r.status(), 200, "{consumer}");
+        let seen = up.last_seen();
+        assert_eq!(seen.headers["x-consumer-id"], consumer);
+        assert_eq!(seen.headers["x-consumer-tier"], tier);
+        assert_eq!(seen.headers["x-auth-method"], "mtls");
+    }
+    // The consumer's tier limits it, and its roles open the ops route.
+    let hashed = mtls_client(&pki, &gw, Some(by_hash), false);
+    let r = hashed
+        .get(gw.tls_url("api.test", "/ops/x"))
+        .send()
+        .await
+        .expect("ops");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit"], "7");
+    let r = mtls_client(&pki, &gw, Some(by_subject), false)
+        .get(gw.tls_url("api.test", "/ops/x"))
+        .send()
+        .await
+        .expect("no role");
+    assert_eq!(r.status(), 403);
+    let mut last = 0;
+    for _ in 0..8 {
+        last = hashed
+            .get(&url)
+            .send()
+            .await
+            .expect("limited")
+            .status()
+            .as_u16();
+    }
+    assert_eq!(last, 429, "the pro tier's 7 a minute");
+    // No certificate, or one no consumer lists: no credential (401 on a required route).
+    let r = mtls_client(&pki, &gw, None, false)
+        .get(&url)
+        .send()
+        .await
+        .expect("no cert");
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["error"], "missing_credentials");
+    let r = mtls_client(&pki, &gw, Some(unknown), false)
+        .get(&url)
+        .send()
+        .await
+        .expect("unknown");
+    assert_eq!(r.status(), 401);
+    // A certificate from another CA is refused at the handshake, whatever its subject.
+    assert!(mtls_client(&pki, &gw, Some(foreign), false)
+        .get(&url)
+        .send()
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_required_client_certificate_is_checked_at_the_handshake() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("api", &["api.test"]);
+    let (id, _) = pki.client("anyone", &[]);
+    let up = MockUpstream::start("up").await;
+    let body = format!(
+        "{}{}",
+        tls_section(&[("api", &leaf, &[])], None),
+        one_route(&[&up])
+    );
+    let extra = format!(
+        "  listen_tls:\n    - {{ addr: \"127.0.0.1:{{tls}}\", client_auth: {{ ca_file: \"{}\", mode: required }} }}\n",
+        pki.ca_file().display()
+    );
+    let gw = Gateway::start_with(&body, &extra).await;
+    let url = gw.tls_url("api.test", "/x");
+    assert!(mtls_client(&pki, &gw, None, false)
+        .get(&url)
+        .send()
+        .await
+        .is_err());
+    // A certificate the CA signed is enough on a route without authentication.
+    let r = mtls_client(&pki, &gw, Some(id), false)
+        .get(&url)
+        .send()
+        .await
+        .expect("cert");
+    assert_eq!(r.status(), 200);
+    eventually(Duration::from_secs(5), "the refusal counted", || async {
+        (gw.metric("tollgate_tls_handshake_failures_total{reason=\"no_client_certificate\"}")
+            .await
+            >= Some(1.0))
+        .then_some(())
+    })
+    .await;
 }

@@ -91,14 +91,27 @@ pub(super) fn compile(c: &mut Check, file: &FileConfig, base_dir: &Path) -> TlsS
             );
             MinVersion::Tls12
         });
+        let client_auth = l.client_auth.as_ref().and_then(|a| {
+            match tls::load_client_roots(&base_dir.join(&a.ca_file)) {
+                Ok(roots) => Some(tls::ClientAuth {
+                    roots,
+                    required: a.mode == schema::ClientAuthMode::Required,
+                }),
+                Err(e) => {
+                    c.err(format!("{at}.client_auth.ca_file"), e);
+                    None
+                }
+            }
+        });
         let Ok(addr) = l.addr.parse::<SocketAddr>() else {
             continue; // reported by listen_addrs
         };
-        match tls::server_config(table.clone(), min_version, l.http2) {
+        match tls::server_config(table.clone(), min_version, l.http2, client_auth.as_ref()) {
             Ok(config) => listeners.push(ListenerSpec {
                 addr,
                 min_version,
                 http2: l.http2,
+                client_auth: client_auth.as_ref().map(|a| a.required),
                 config,
             }),
             Err(e) => c.err(at, e),
@@ -184,5 +197,49 @@ pub(super) fn upstream(
             t.client_cert.clone(),
             t.client_key.clone(),
         ],
+    }
+}
+
+/// `consumers[i].client_certs[j]`: exactly one identifier.
+pub(super) fn client_cert_match(
+    c: &mut Check,
+    at: &str,
+    m: &schema::ClientCertSection,
+) -> Option<crate::identity::CertMatch> {
+    use crate::identity::CertMatch;
+    match (&m.sha256, &m.subject, &m.san) {
+        (Some(h), None, None) => {
+            let hex_text: String = h.chars().filter(|ch| *ch != ':').collect();
+            match hex::decode(&hex_text)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            {
+                Some(d) => Some(CertMatch::Sha256(d)),
+                None => {
+                    c.err(
+                        format!("{at}.sha256"),
+                        "expected 64 hex digits (colons allowed)",
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(s), None) if s.contains('=') => {
+            Some(CertMatch::Subject(tls::normalize_subject(s)))
+        }
+        (None, Some(_), None) => {
+            c.err(
+                format!("{at}.subject"),
+                "expected a name like `CN=alice, O=Example`",
+            );
+            None
+        }
+        (None, None, Some(san)) if !san.trim().is_empty() => {
+            Some(CertMatch::San(san.trim().to_string()))
+        }
+        _ => {
+            c.err(at, "set exactly one of sha256, subject and san");
+            None
+        }
     }
 }
