@@ -235,6 +235,16 @@ impl CertTable {
                 slot.push(c.key.clone());
             }
         }
+        // ECDSA (then Ed25519) before RSA: smaller and cheaper to sign with; clients that
+        // cannot verify it get the RSA pair (see `resolve`).
+        let rank = |k: &Arc<CertifiedKey>| match k.key.algorithm() {
+            SignatureAlgorithm::ECDSA => 0,
+            SignatureAlgorithm::ED25519 => 1,
+            _ => 2,
+        };
+        for keys in table.exact.values_mut().chain(table.wildcard.values_mut()) {
+            keys.sort_by_key(rank);
+        }
         table.default = default.and_then(|i| certs.get(i)).map(|c| {
             // The default's own pair first, then any other key type for the same names.
             let mut keys = vec![c.key.clone()];
