@@ -9,6 +9,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 use crate::http::fields::{Case, Field};
+use crate::http::grpc;
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +234,9 @@ impl GatewayError {
 /// Write `err` as the whole response, with `extra` fields (the request id, rate-limit fields)
 /// spelled as `case` says. `close` drops the downstream connection afterwards (for answers
 /// given before the request body was read).
+///
+/// A gRPC call gets the gRPC form of the same answer: `200`, trailers-only, with
+/// `grpc-status` and `grpc-message` (see [`crate::http::grpc::status_for`]).
 pub async fn respond_with(
     session: &mut Session,
     err: GatewayError,
@@ -241,6 +245,9 @@ pub async fn respond_with(
     extra: &[(&'static Field, HeaderValue)],
     case: Case,
 ) -> pingora_error::Result<()> {
+    if grpc::is_grpc(&session.req_header().headers) {
+        return respond_grpc(session, err, request_id, close, extra).await;
+    }
     let body = err.body(request_id);
     let size = Some(4 + extra.len());
     let mut header = match case {
@@ -269,6 +276,75 @@ pub async fn respond_with(
         .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+/// The gRPC form of a gateway answer: one header block that ends the stream ("trailers-only"),
+/// the HTTP status in `grpc-message` next to the error's message and code.
+async fn respond_grpc(
+    session: &mut Session,
+    err: GatewayError,
+    request_id: &str,
+    close: bool,
+    extra: &[(&'static Field, HeaderValue)],
+) -> pingora_error::Result<()> {
+    let mut header = ResponseHeader::build(200, Some(6 + extra.len()))?;
+    header.insert_header("content-type", "application/grpc")?;
+    header.insert_header("grpc-status", grpc::status_for(err.status()).to_string())?;
+    // Percent-encoded by the spec; the messages are plain ASCII without `%`.
+    header.insert_header(
+        "grpc-message",
+        format!("{} ({}, request {request_id})", err.message(), err.code()),
+    )?;
+    for (field, value) in extra {
+        header.insert_header(&field.name, value)?;
+    }
+    if let Some(secs) = err.retry_after() {
+        header.insert_header("retry-after", secs)?;
+    }
+    if !session.is_http2() {
+        header.insert_header("content-length", "0")?;
+    }
+    if close {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), true)
+        .await?;
+    // The answer is complete; the client may still be sending its request. Over HTTP/2, a
+    // stream dropped with its request half open is reset with CANCEL, which HTTP/2 clients
+    // (hyper, so tonic) report as an error instead of the status just sent. Read the rest of
+    // the request for a moment so the stream closes cleanly (a stream still open after it
+    // is reset as before).
+    if session.is_http2() && !session.is_body_done() {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            session.drain_request_body(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// End a gRPC call whose response head already went out: `grpc-status` and `grpc-message` as
+/// trailers.
+pub async fn grpc_trailers(
+    session: &mut Session,
+    err: GatewayError,
+    request_id: &str,
+) -> pingora_error::Result<()> {
+    let mut trailers = http::HeaderMap::with_capacity(2);
+    trailers.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(grpc::status_for(err.status()))),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{} ({}, request {request_id})",
+        err.message(),
+        err.code()
+    )) {
+        trailers.insert("grpc-message", v);
+    }
+    session.write_response_trailers(trailers).await
 }
 
 #[cfg(test)]

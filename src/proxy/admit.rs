@@ -207,7 +207,12 @@ pub fn available(ctx: &Ctx) -> std::result::Result<(), GatewayError> {
 
 /// One chunk of the request body (`None` at its end): the body's total time and size limits.
 /// `upgraded`: the connection switched protocols, and the "body" is that protocol's stream.
-pub fn body_chunk(upgraded: bool, body: &Option<Bytes>, ctx: &mut Ctx) -> Result<()> {
+pub fn body_chunk(
+    upgraded: bool,
+    req: &pingora_http::RequestHeader,
+    body: &Option<Bytes>,
+    ctx: &mut Ctx,
+) -> Result<()> {
     if body.is_none() && ctx.body_started.is_none() {
         // No body at all (pingora still calls once): nothing to time or count.
         return Ok(());
@@ -218,8 +223,15 @@ pub fn body_chunk(upgraded: bool, body: &Option<Bytes>, ctx: &mut Ctx) -> Result
         // only the per-read idle timeout.
         return Ok(());
     }
+    if ctx.body_started.is_none() {
+        // A gRPC call's request stream (client streaming, bidirectional) may last as long as
+        // the call: like an upgraded connection, only the per-read pause applies to it. Its
+        // size limit still does.
+        ctx.body_unbounded = ctx.upstream().is_some_and(|u| u.spec.http2)
+            && crate::http::grpc::is_grpc(&req.headers);
+    }
     let started = *ctx.body_started.get_or_insert_with(clock::now);
-    if clock::since(started) > ctx.snapshot.server.body_timeout {
+    if !ctx.body_unbounded && clock::since(started) > ctx.snapshot.server.body_timeout {
         // A trickling body: the whole body must arrive within body_timeout.
         ctx.error = Some(GatewayError::RequestTimeout);
         return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");

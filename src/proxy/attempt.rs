@@ -150,10 +150,34 @@ pub async fn next_peer(session: &Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>
         .route
         .and_then(|i| snapshot.routes[i].route.timeouts)
         .unwrap_or(spec.timeouts);
-    let remaining = t
+    let mut remaining = t
         .total
         .checked_sub(now.saturating_duration_since(ctx.started))
         .unwrap_or(Duration::from_millis(1));
+    // A gRPC call (HTTP/2 upstreams only: gRPC needs one) may stream for as long as it lasts:
+    // the route's total time does not bound it, its own deadline (`grpc-timeout`) does; `read`
+    // and `write` still bound each wait.
+    if spec.http2 && crate::http::grpc::is_grpc(&req.headers) {
+        if ctx.tries == 1 {
+            ctx.grpc_deadline = req
+                .headers
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::http::grpc::parse_timeout)
+                .map(|d| ctx.started + d);
+        }
+        remaining = match ctx.grpc_deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(now);
+                if left.is_zero() {
+                    ctx.error = Some(GatewayError::UpstreamTimeout);
+                    return Error::e_explain(ErrorType::ConnectTimedout, "grpc-timeout passed");
+                }
+                left
+            }
+            None => Duration::MAX,
+        };
+    }
     Ok(Box::new(crate::upstream::peer(
         spec.backends[index].addr,
         spec,

@@ -52,6 +52,10 @@ pub struct Ctx {
     pub head: HeadFacts,
     /// The request came over TLS.
     pub tls: bool,
+    /// A gRPC call's deadline (`grpc-timeout`), read on routes to HTTP/2 upstreams.
+    pub grpc_deadline: Option<Instant>,
+    /// The request body is a stream with no whole-body deadline (a gRPC call's).
+    pub body_unbounded: bool,
 }
 
 /// The attempt in progress: which backend, whether it holds a half-open probe slot, and whether
@@ -122,6 +126,8 @@ impl Ctx {
             cache: None,
             head: HeadFacts::UNKNOWN,
             tls: false,
+            grpc_deadline: None,
+            body_unbounded: false,
         }
     }
 

@@ -123,6 +123,11 @@ pub fn prepare(
         }
     }
 
+    // What is left of a gRPC call's deadline travels on (the backend enforces it too).
+    if let Some(deadline) = ctx.grpc_deadline {
+        let left = deadline.saturating_duration_since(crate::clock::now());
+        upstream_request.insert_header("grpc-timeout", crate::http::grpc::format_timeout(left))?;
+    }
     if !snapshot.server.forwarded_headers {
         return Ok(());
     }

@@ -132,7 +132,7 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        admit::body_chunk(session.was_upgraded(), body, ctx)
+        admit::body_chunk(session.was_upgraded(), session.req_header(), body, ctx)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

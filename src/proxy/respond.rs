@@ -86,7 +86,16 @@ pub async fn failed(session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToPr
             Err(we) => log::debug!("could not send the stale response: {we}"),
         }
     }
-    if session.response_written().is_none() {
+    if session.response_written().is_some()
+        && session.is_http2()
+        && crate::http::grpc::is_grpc(&session.req_header().headers)
+    {
+        // A gRPC call whose response had started (the backend's headers went out): end it
+        // with the status in trailers, as a gRPC server would, instead of a bare reset.
+        if let Err(we) = error::grpc_trailers(session, err, &ctx.request_id).await {
+            log::debug!("could not send the gRPC trailers: {we}");
+        }
+    } else if session.response_written().is_none() {
         let extra = error_fields(session, ctx);
         let case = ctx.snapshot.server.header_case;
         if let Err(we) =

@@ -7,6 +7,7 @@ mod admin;
 mod balancing;
 mod browser;
 mod cache;
+mod grpc;
 mod health;
 mod hygiene;
 mod identity;

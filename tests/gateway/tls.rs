@@ -12,21 +12,21 @@ use std::time::Duration;
 use crate::harness::*;
 
 /// A test CA and the pairs it signs, written as PEM files under `dir`.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
     ca: rcgen::Certificate,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 /// One leaf: its files and its DER (to tell which certificate a client got).
-struct Leaf {
-    cert: PathBuf,
-    key: PathBuf,
+pub(crate) struct Leaf {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
     der: Vec<u8>,
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -42,6 +42,10 @@ impl Pki {
 
     fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
+    }
+
+    pub(crate) fn ca_der(&self) -> rustls::pki_types::CertificateDer<'static> {
+        self.ca.der().clone()
     }
 
     fn root(&self) -> reqwest::Certificate {
@@ -89,7 +93,7 @@ impl Pki {
         }
     }
 
-    fn leaf(&self, stem: &str, names: &[&str]) -> Leaf {
+    pub(crate) fn leaf(&self, stem: &str, names: &[&str]) -> Leaf {
         self.leaf_with(stem, names, false, (-1, 30))
     }
 
