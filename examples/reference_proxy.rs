@@ -12,7 +12,9 @@
 //! ```
 //!
 //! Defaults: listen on `127.0.0.1:6188`, upstream `127.0.0.1:8000`. Set `REF_PID_FILE` and
-//! `REF_UPGRADE_SOCK` (absolute paths) to run several instances side by side.
+//! `REF_UPGRADE_SOCK` (absolute paths) to run several instances side by side. With
+//! `REF_TLS_CERT` and `REF_TLS_KEY` (PEM files) it listens with TLS instead: pingora's own TLS
+//! listener (rustls, the library Tollgate uses), ALPN `h2` and `http/1.1`.
 //! `scripts/bench.sh` builds and runs it.
 //!
 //! Parity with Tollgate's hot path, and nothing more: upstream connections are pooled (pingora's
@@ -90,7 +92,15 @@ fn main() {
     server.bootstrap();
 
     let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, Reference { peer });
-    proxy.add_tcp(&listen);
+    match (std::env::var("REF_TLS_CERT"), std::env::var("REF_TLS_KEY")) {
+        (Ok(cert), Ok(key)) => {
+            let mut tls = pingora_core::listeners::tls::TlsSettings::intermediate(&cert, &key)
+                .expect("TLS settings");
+            tls.enable_h2();
+            proxy.add_tls_with_settings(&listen, None, tls);
+        }
+        _ => proxy.add_tcp(&listen),
+    }
     server.add_service(proxy);
     server.run_forever()
 }

@@ -23,6 +23,15 @@
 #   give the same figure to within a fraction of a percent, so small hot-path changes show.
 #   PROXIES (space-separated, in table order; default all): nginx haproxy reference tollgate
 #   tollgate-rl-local tollgate-rl-exact tollgate-rl-batched.
+# TRANSPORT: how clients reach the proxies (default plain):
+#   plain     HTTP/1.1 keep-alive in plain text;
+#   tls       HTTP/1.1 keep-alive over TLS (the handshakes happen in the warm-up): CPU per request;
+#   tls-new   a new TLS connection per request (`Connection: close`, full handshakes: wrk does
+#             not resume sessions): CPU per request = per handshake plus one request;
+#   h2tls     HTTP/2 over TLS with h2load (-m 10 streams per connection; its report has no
+#             percentiles: the p50 and p99 columns hold its mean).
+#   The certificate is ECDSA P-256 (scripts/dev-cert.sh), the same file for every proxy; the
+#   upstream stays plain HTTP/1.1. Every proxy offers TLS 1.2 and 1.3 (clients negotiate 1.3).
 #
 # What it does: builds `tollgate` and `examples/reference_proxy.rs` with the release profile,
 # starts ONE upstream (NGINX answering "hello"), then the proxies in front of it, each pinned to
@@ -73,6 +82,7 @@ WRK_THREADS=${WRK_THREADS:-1}
 BUILD=${BUILD:-1}
 KEEP_WORK=${KEEP_WORK:-0}
 BENCH_OUT=${BENCH_OUT:-$REPO/run/bench.md}
+TRANSPORT=${TRANSPORT:-plain}
 PROXY_CPU=${PROXY_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 if [[ -z ${UPSTREAM_CPU:-} ]]; then
@@ -101,6 +111,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-bench.XXXXXX")
 RESULTS="$WORK/results.tsv"
 declare -A PROXY_PID=()     # proxy name -> pid of the process we started (the tree root)
 declare -A PROXY_PORT=()    # proxy name -> listening port
+declare -A TOLLGATE_PLAIN_PORT=() # Tollgate runs over TLS: their (unused) plain listener
 STARTED_PIDS=()             # every pid we started, for cleanup
 REDIS_PORT=                 # the private redis-server (only when a run needs it)
 REDIS_PID=
@@ -109,6 +120,23 @@ log() { printf '[bench] %s\n' "$*" >&2; }
 die() {
     log "error: $*"
     exit 1
+}
+
+# Whether clients reach the proxies over TLS, and the URL of a proxy (the upstream is plain).
+tls_transport() { [[ $TRANSPORT != plain ]]; }
+proxy_url() {
+    if [[ $1 != upstream ]] && tls_transport; then echo "https://127.0.0.1:$2/"; else echo "http://127.0.0.1:$2/"; fi
+}
+# wrk's extra arguments: a new connection per request for tls-new.
+WRK_EXTRA=()
+CERT_DIR=
+make_certs() {
+    [[ $TRANSPORT == tls-new ]] && WRK_EXTRA=(-H "Connection: close")
+    tls_transport || return 0
+    CERT_DIR="$WORK/certs"
+    "$REPO/scripts/dev-cert.sh" "$CERT_DIR" bench bench.test >/dev/null ||
+        die "cannot make the benchmark certificate (scripts/dev-cert.sh)"
+    cat "$CERT_DIR/bench.pem" "$CERT_DIR/bench.key" >"$CERT_DIR/bench.combined.pem"
 }
 
 # The runs that talk to Redis, and whether the selection has one.
@@ -170,6 +198,8 @@ ensure_tools() {
     command -v cargo >/dev/null 2>&1 || die "missing tool: cargo (install Rust: https://rustup.rs)"
     if needs_redis; then tools+=(redis-server:redis-server redis-cli:redis-tools); fi
     if [[ $COUNT == instructions ]]; then tools+=(valgrind:valgrind callgrind_control:valgrind); fi
+    if [[ $TRANSPORT != plain ]]; then tools+=(openssl:openssl); fi
+    if [[ $TRANSPORT == h2tls ]]; then tools+=(h2load:nghttp2-client); fi
     # The Debian nginx and redis-server packages start system services (ports 80, 6379): we never
     # use them, so the ones installed now are stopped, not to compete for the cores.
     command -v nginx >/dev/null 2>&1 || services+=(nginx)
@@ -225,7 +255,7 @@ wait_ready() {
     local name=$1 port=$2 pid=$3 i
     for i in $(seq 150); do
         kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name exited at start"; }
-        if [[ $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/" 2>/dev/null) == 200 ]]; then
+        if [[ $(curl -sk -o /dev/null -w '%{http_code}' "$(proxy_url "$name" "$port")" 2>/dev/null) == 200 ]]; then
             return 0
         fi
         sleep 0.2
@@ -296,7 +326,8 @@ start_nginx() {
         keepalive_requests 1000000000;
     }
     server {
-        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$port$(tls_transport && echo " ssl")$([[ $TRANSPORT == h2tls ]] && echo " http2");
+$(tls_transport && printf '        ssl_certificate %s;\n        ssl_certificate_key %s;\n        ssl_protocols TLSv1.2 TLSv1.3;\n' "$CERT_DIR/bench.pem" "$CERT_DIR/bench.key")
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -329,7 +360,7 @@ defaults
     timeout http-keep-alive 60s
 
 frontend fe
-    bind 127.0.0.1:$port
+    bind 127.0.0.1:$port$(tls_transport && echo " ssl crt $CERT_DIR/bench.combined.pem alpn h2,http/1.1")
     default_backend be
 
 backend be
@@ -342,8 +373,14 @@ EOF
 start_reference() {
     local port=$1 upstream=$2 dir="$WORK/reference"
     mkdir -p "$dir"
-    REF_PID_FILE="$dir/pid" REF_UPGRADE_SOCK="$dir/upgrade.sock" \
-        start reference "$PROXY_CPU" "$REFERENCE_BIN" "127.0.0.1:$port" "127.0.0.1:$upstream"
+    if tls_transport; then
+        REF_TLS_CERT="$CERT_DIR/bench.pem" REF_TLS_KEY="$CERT_DIR/bench.key" \
+            REF_PID_FILE="$dir/pid" REF_UPGRADE_SOCK="$dir/upgrade.sock" \
+            start reference "$PROXY_CPU" "$REFERENCE_BIN" "127.0.0.1:$port" "127.0.0.1:$upstream"
+    else
+        REF_PID_FILE="$dir/pid" REF_UPGRADE_SOCK="$dir/upgrade.sock" \
+            start reference "$PROXY_CPU" "$REFERENCE_BIN" "127.0.0.1:$port" "127.0.0.1:$upstream"
+    fi
 }
 
 # The private Redis of the exact and batched runs: no persistence, pinned to the load/upstream
@@ -419,6 +456,16 @@ plain_server_yaml() {
     printf '  forwarded_headers: false\n  request_id_header: false\n  trace_context: false\n  hide_backend_server: false\n'
 }
 
+# Tollgate's listeners: the measured port, in plain text or with TLS (then its required plain
+# listener is on a port of its own, unused).
+tollgate_listen() {
+    if tls_transport; then
+        printf '  listen: ["127.0.0.1:%s"]\n  listen_tls: [{ addr: "127.0.0.1:%s" }]\n' "${TOLLGATE_PLAIN_PORT[$1]}" "$2"
+    else
+        printf '  listen: ["127.0.0.1:%s"]\n' "$2"
+    fi
+}
+
 # Tollgate as shipped, cut down to the benchmark: one worker thread, one route, one upstream with
 # one backend, no health check (omitted), no admin listener. Its own pid file and upgrade
 # socket so it never collides with another Tollgate on the machine. NAME is `tollgate` or one of
@@ -429,7 +476,7 @@ start_tollgate() {
     {
         cat <<EOF
 server:
-  listen: ["127.0.0.1:$port"]
+$(tollgate_listen "$name" "$port")
   threads: 1
   grace_period: 1s
   access_log: off        # like the NGINX and HAProxy runs: no per-request log
@@ -447,6 +494,10 @@ routes:
     match: { path_prefix: / }
     upstream: bench
 EOF
+        if tls_transport; then
+            printf '\ntls:\n  certificates:\n    - { name: bench, cert_file: "%s", key_file: "%s" }\n  default_certificate: bench\n' \
+                "$CERT_DIR/bench.pem" "$CERT_DIR/bench.key"
+        fi
         limiter_yaml "$name"
     } >"$dir/tollgate.yaml"
     "$TOLLGATE_BIN" -t -c "$dir/tollgate.yaml" >&2 || die "$name: tollgate rejected its config"
@@ -468,7 +519,7 @@ start_proxy() {
 check_limiter() {
     local name=$1 port=$2
     [[ $name == tollgate-rl-* ]] || return 0
-    curl -s -D - -o /dev/null "http://127.0.0.1:$port/" | tr -d '\r' |
+    curl -sk -D - -o /dev/null "$(proxy_url "$name" "$port")" | tr -d '\r' |
         grep -qix "x-ratelimit-limit: $RL_LIMIT" ||
         die "$name answers without X-RateLimit-Limit: $RL_LIMIT (rate limiter not active?)"
 }
@@ -519,6 +570,36 @@ parse_wrk() {
         }'
 }
 
+# h2load's output in parse_wrk's shape: rps mean_us mean_us requests errors failed (h2load
+# reports no percentiles: the mean stands in for both).
+parse_h2load() {
+    awk '
+        function us(v) {
+            if (v ~ /us$/) return v + 0
+            if (v ~ /ms$/) return v * 1000
+            if (v ~ /s$/)  return v * 1000000
+            return v + 0
+        }
+        /^finished in/ { rps = $4 }
+        /^requests:/ { done = $8; failed = $10; errored = $12 }
+        /^time for request:/ { mean = us($6) }
+        END {
+            if (rps == "" || done == "" || mean == "") exit 1
+            printf "%s %.0f %.0f %s %d %d\n", rps, mean, mean, done, errored, failed
+        }'
+}
+
+# One load run of DURATION against URL, in the shape parse_load reads: wrk, or h2load for h2tls.
+load() {
+    local duration=$1 url=$2
+    if [[ $TRANSPORT == h2tls ]]; then
+        taskset -c "$LOAD_CPU" h2load -t"$WRK_THREADS" -c"$CONNECTIONS" -m10 -D"${duration%s}" "$url"
+    else
+        taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$duration" --latency "${WRK_EXTRA[@]}" "$url"
+    fi
+}
+parse_load() { if [[ $TRANSPORT == h2tls ]]; then parse_h2load; else parse_wrk; fi; }
+
 # CPU microseconds per request from a clock-tick delta. Usage: per_req TICKS REQUESTS
 per_req() { "$BENCH_REPORT" cpu-per-request "$1" "$CLK_TCK" "$2"; }
 
@@ -527,10 +608,11 @@ per_req() { "$BENCH_REPORT" cpu-per-request "$1" "$CLK_TCK" "$2"; }
 # prints it.
 run_one() {
     local name=$1 round=$2 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]}
-    local url="http://127.0.0.1:$port/" out before after parsed rps p50 p99 requests errors non2xx
+    local url out before after parsed rps p50 p99 requests errors non2xx
+    url=$(proxy_url "$name" "$port")
     local cpu_us redis_us=- redis_before redis_after calls_before calls_after note=""
     local fallbacks=- fallbacks_before steal stat_total0 stat_steal0 stat_total1 stat_steal1
-    taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    load "$WARMUP" "$url" >/dev/null
     if uses_redis "$name"; then
         # shellcheck disable=SC2046
         calls_before=$(redis_calls $(limiter_commands "$name"))
@@ -539,7 +621,7 @@ run_one() {
     fi
     before=$(cpu_ticks "$pid")
     read -r stat_total0 stat_steal0 <<<"$(cpu_stat)"
-    out=$(taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    out=$(load "$DURATION" "$url")
     read -r stat_total1 stat_steal1 <<<"$(cpu_stat)"
     after=$(cpu_ticks "$pid")
     steal=$("$BENCH_REPORT" steal-percent $((stat_steal1 - stat_steal0)) $((stat_total1 - stat_total0)))
@@ -551,9 +633,9 @@ run_one() {
     fi
     echo "$out" >"$WORK/wrk.$name.$round.txt"
     kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name died during the run"; }
-    parsed=$(parse_wrk <<<"$out") || { echo "$out" >&2; die "cannot parse wrk output for $name"; }
+    parsed=$(parse_load <<<"$out") || { echo "$out" >&2; die "cannot parse the load tool's output for $name"; }
     read -r rps p50 p99 requests errors non2xx <<<"$parsed"
-    ((requests > 0)) || die "$name: wrk completed no requests"
+    ((requests > 0)) || die "$name: the load completed no requests"
     cpu_us=$(per_req $((after - before)) "$requests")
     if uses_redis "$name"; then
         redis_us=$(per_req $((redis_after - redis_before)) "$requests")
@@ -594,16 +676,17 @@ callgrind_dump() {
 # (every thread of the process: workers, runtime, background services).
 run_one_instructions() {
     local name=$1 round=$2 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]}
-    local url="http://127.0.0.1:$port/" out parsed rps p50 p99 requests errors non2xx dump ir per
+    local url out parsed rps p50 p99 requests errors non2xx dump ir per
     local idle_ir
-    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "$url" >/dev/null
+    url=$(proxy_url "$name" "$port")
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$WARMUP" "${WRK_EXTRA[@]}" "$url" >/dev/null
     # The idle cost over the same time (timer threads, health and clock ticks) is counted first
     # and taken off: what is left is what the requests cost.
     callgrind_control -z "$pid" >/dev/null 2>&1
     sleep "$DURATION"
     idle_ir=$(callgrind_dump "$name" "$pid")
     callgrind_control -z "$pid" >/dev/null 2>&1
-    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "${WRK_EXTRA[@]}" "$url")
     ir=$(callgrind_dump "$name" "$pid")
     kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name died during the run"; }
     parsed=$(parse_wrk <<<"$out") || { echo "$out" >&2; die "cannot parse wrk output for $name"; }
@@ -676,16 +759,22 @@ main() {
         seen[$name]=1
     done
     [[ $COUNT == cpu || $COUNT == instructions ]] || die "COUNT is cpu or instructions, not $COUNT"
+    [[ " plain tls tls-new h2tls " == *" $TRANSPORT "* ]] || die "TRANSPORT is plain, tls, tls-new or h2tls, not $TRANSPORT"
+    [[ $COUNT != instructions || $TRANSPORT != h2tls ]] || die "COUNT=instructions runs wrk: not with TRANSPORT=h2tls"
     ensure_tools
+    make_certs
     build
     CLK_TCK=$(getconf CLK_TCK)
     (($(nproc) >= 2)) || log "WARNING: one core only: proxy and load share it, numbers are not meaningful"
 
     # shellcheck disable=SC2207
-    ports=($(free_ports $((${#PROXIES[@]} + 2))))
+    ports=($(free_ports $((2 * ${#PROXIES[@]} + 2))))
     upstream_port=${ports[0]}
     REDIS_PORT=${ports[1]}
-    for i in "${!PROXIES[@]}"; do PROXY_PORT[${PROXIES[$i]}]=${ports[$((i + 2))]}; done
+    for i in "${!PROXIES[@]}"; do
+        PROXY_PORT[${PROXIES[$i]}]=${ports[$((i + 2))]}
+        TOLLGATE_PLAIN_PORT[${PROXIES[$i]}]=${ports[$((i + 2 + ${#PROXIES[@]}))]}
+    done
 
     log "upstream NGINX on 127.0.0.1:$upstream_port (CPU $UPSTREAM_CPU)"
     start_upstream "$upstream_port"
@@ -721,7 +810,10 @@ main() {
     done
 
     mkdir -p "$(dirname "$BENCH_OUT")"
-    report >"$BENCH_OUT"
+    {
+        [[ $TRANSPORT == plain ]] || printf 'Transport: %s (see TRANSPORT in scripts/bench.sh)\n\n' "$TRANSPORT"
+        report
+    } >"$BENCH_OUT"
     echo
     cat "$BENCH_OUT"
     echo

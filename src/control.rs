@@ -57,6 +57,8 @@ pub struct Control {
     pub front: Arc<crate::front::FrontSettings>,
     /// The TLS listeners' acceptors (follow every published snapshot).
     pub tls: Arc<crate::tls::Acceptors>,
+    /// The gRPC-web module was installed at start (see `proxy::Gateway::grpc_web`).
+    pub grpc_web_installed: bool,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
     initial: Mutex<Option<GatewayConfig>>,
     redis: Mutex<Option<RedisHandle>>,
@@ -74,6 +76,7 @@ impl Control {
         follow_front(&front, &unprobed);
         let tls = Arc::new(crate::tls::Acceptors::new(&config.tls));
         Arc::new(Self {
+            grpc_web_installed: config.routes.iter().any(|r| r.grpc_web),
             tls,
             pid_file: config.server.pid_file.clone(),
             path,
@@ -219,7 +222,14 @@ impl Control {
                 }
             }
             Ok(config) => {
-                let warnings = needs_upgrade(&old.server, &config.server);
+                let mut warnings = needs_upgrade(&old.server, &config.server);
+                if config.routes.iter().any(|r| r.grpc_web) && !self.grpc_web_installed {
+                    warnings.push(
+                        "routes[].grpc_web: the gRPC-web bridge is installed at start when a \
+                         route uses it; takes effect after a binary upgrade (tollgate -u)"
+                            .to_string(),
+                    );
+                }
                 for w in &warnings {
                     log::warn!("reload: {w}");
                 }

@@ -188,6 +188,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
 
     let mut app = pingora_proxy::HttpProxy::new(
         Gateway {
+            grpc_web: config.routes.iter().any(|r| r.grpc_web),
             current: control.current.clone(),
             draining: control.draining.clone(),
             limiter: control.limiter.clone(),

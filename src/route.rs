@@ -104,6 +104,8 @@ pub struct Route {
     pub redirect_https: bool,
     /// `Strict-Transport-Security` on responses sent over TLS.
     pub hsts: Option<http::HeaderValue>,
+    /// gRPC-web calls are bridged to gRPC (pingora's gRPC-web module).
+    pub grpc_web: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +228,7 @@ pub(crate) mod tests {
             cache: None,
             redirect_https: false,
             hsts: None,
+            grpc_web: false,
         }
     }
 

@@ -506,6 +506,9 @@ pub struct HealthCheckSection {
     /// HTTP only: statuses counted as healthy.
     #[serde(default = "default_expect")]
     pub expect_status: Vec<u16>,
+    /// gRPC only: the service asked about (`grpc.health.v1`; empty = the whole server).
+    #[serde(default)]
+    pub service: String,
     #[serde(default = "default_interval", deserialize_with = "duration")]
     pub interval: Duration,
     #[serde(default = "default_hc_timeout", deserialize_with = "duration")]
@@ -522,6 +525,8 @@ pub enum HealthKind {
     #[default]
     Http,
     Tcp,
+    /// `grpc.health.v1.Health/Check` over HTTP/2: healthy when the answer is SERVING.
+    Grpc,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -638,6 +643,9 @@ pub struct RouteSection {
     /// `max-age=31536000; includeSubDomains`.
     #[serde(default)]
     pub hsts: Option<String>,
+    /// Bridge gRPC-web calls (browsers) to the gRPC upstream (which must be `protocol: http2`).
+    #[serde(default)]
+    pub grpc_web: bool,
 }
 
 /// Process-wide cache settings.

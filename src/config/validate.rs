@@ -503,7 +503,9 @@ fn compile_upstream(
             kind: match h.kind {
                 schema::HealthKind::Http => HealthKind::Http,
                 schema::HealthKind::Tcp => HealthKind::Tcp,
+                schema::HealthKind::Grpc => HealthKind::Grpc,
             },
+            service: h.service.clone(),
             path: h.path.clone(),
             host: h.host.clone(),
             expect_status: h.expect_status.clone(),
@@ -1198,6 +1200,20 @@ fn compile_route(
             .map(|cache| compile_route_cache(c, at, cache, mode)),
         redirect_https: r.redirect_https,
         hsts: tls::hsts(c, at, r.hsts.as_deref()),
+        grpc_web: {
+            if r.grpc_web
+                && file
+                    .upstreams
+                    .get(&r.upstream)
+                    .is_some_and(|u| u.protocol != schema::UpstreamProtocol::Http2)
+            {
+                c.err(
+                    format!("{at}.grpc_web"),
+                    "gRPC-web needs a gRPC upstream: set `protocol: http2` on it",
+                );
+            }
+            r.grpc_web
+        },
     })
 }
 

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! new_ctx                        pin the snapshot for the whole request (ctx)
-//! init_downstream_modules        response compression, off until a route turns it on
+//! init_downstream_modules        response compression and gRPC-web, off until a route turns
+//!                                them on
 //! early_request_filter           keep-alive, request id, trace, route match, compression (start)
 //! request_filter                 head checks -> HTTPS redirect -> admission plan -> cache ->
 //!                                healthy backend?; any of them may answer here (admit,
@@ -66,6 +67,9 @@ pub use ctx::Ctx;
 
 pub struct Gateway {
     pub current: SharedSnapshot,
+    /// pingora's gRPC-web module is installed (some route of the starting config has
+    /// `grpc_web`): without such a route, requests pay nothing for it.
+    pub grpc_web: bool,
     pub limiter: Arc<Limiter>,
     /// True while handing over to a new process or shutting down (see `control`).
     pub draining: Arc<AtomicBool>,
@@ -84,6 +88,10 @@ impl ProxyHttp for Gateway {
     fn init_downstream_modules(&self, modules: &mut HttpModules) {
         // Level 0 = off; routes turn it on per request.
         modules.add_module(ResponseCompressionBuilder::enable(0));
+        if self.grpc_web {
+            // Off until a `grpc_web` route turns it on (start::begin).
+            modules.add_module(Box::new(pingora_core::modules::http::grpc_web::GrpcWeb));
+        }
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {

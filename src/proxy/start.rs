@@ -51,6 +51,14 @@ pub fn begin(draining: bool, session: &mut Session, ctx: &mut Ctx) {
         .routes
         .iter()
         .position(|r| r.route.matches(&host, req.uri.path(), &req.method));
+    if ctx.route().is_some_and(|r| r.route.grpc_web) {
+        if let Some(bridge) = session
+            .downstream_modules_ctx
+            .get_mut::<pingora_core::modules::http::grpc_web::GrpcWebBridge>()
+        {
+            bridge.init();
+        }
+    }
     if let Some(z) = ctx.route().and_then(|r| r.route.compression) {
         if let Some(c) = session
             .downstream_modules_ctx

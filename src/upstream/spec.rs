@@ -108,6 +108,8 @@ pub struct HealthSpec {
     pub path: String,
     pub host: Option<String>,
     pub expect_status: Vec<u16>,
+    /// gRPC checks: the service asked about.
+    pub service: String,
     pub interval: Duration,
     pub timeout: Duration,
     pub healthy_after: u32,
@@ -121,6 +123,8 @@ pub struct HealthSpec {
 pub enum HealthKind {
     Http,
     Tcp,
+    /// `grpc.health.v1` over HTTP/2 (h2c, or h2 by ALPN over TLS).
+    Grpc,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

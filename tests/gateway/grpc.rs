@@ -68,9 +68,15 @@ struct Backend {
     addr: SocketAddr,
     /// The `grpc-timeout` of the last call, as the backend got it.
     seen_timeout: Arc<Mutex<Option<String>>>,
+    /// What `grpc.health.v1.Health/Check` answers: SERVING or NOT_SERVING.
+    serving: Arc<std::sync::atomic::AtomicBool>,
 }
 
-async fn serve_call(req: Request<Body>, seen: Arc<Mutex<Option<String>>>) -> Response<Body> {
+async fn serve_call(
+    req: Request<Body>,
+    seen: Arc<Mutex<Option<String>>>,
+    serving: Arc<std::sync::atomic::AtomicBool>,
+) -> Response<Body> {
     *seen.lock().expect("lock") = req
         .headers()
         .get("grpc-timeout")
@@ -125,6 +131,15 @@ async fn serve_call(req: Request<Body>, seen: Arc<Mutex<Option<String>>>) -> Res
                 let count = received.len().to_string();
                 let _ = tx.send(Frame::data(message(count.as_bytes()))).await;
             }
+            "Check" => {
+                // HealthCheckResponse { status: SERVING (1) | NOT_SERVING (2) }
+                let status = if serving.load(std::sync::atomic::Ordering::Relaxed) {
+                    1
+                } else {
+                    2
+                };
+                let _ = tx.send(Frame::data(message(&[0x08, status]))).await;
+            }
             "Slow" => {
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 let _ = tx.send(Frame::data(message(b"late"))).await;
@@ -143,10 +158,11 @@ async fn serve_call(req: Request<Body>, seen: Arc<Mutex<Option<String>>>) -> Res
 impl Backend {
     async fn start() -> Self {
         let seen_timeout = Arc::new(Mutex::new(None));
-        let seen = seen_timeout.clone();
+        let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (seen, up) = (seen_timeout.clone(), serving.clone());
         let app = axum::Router::new().fallback(move |req: Request<Body>| {
-            let seen = seen.clone();
-            async move { serve_call(req, seen).await }
+            let (seen, up) = (seen.clone(), up.clone());
+            async move { serve_call(req, seen, up).await }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -155,7 +171,11 @@ impl Backend {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { addr, seen_timeout }
+        Self {
+            addr,
+            seen_timeout,
+            serving,
+        }
     }
 }
 
@@ -287,7 +307,7 @@ async fn call(
 
 fn gateway_body(backend: SocketAddr) -> String {
     format!(
-        "tiers:\n  anonymous: {{ limit: 100000, window: 1m }}\nconsumers:\n  - {{ id: svc, tier: pro, api_keys: [\"{}\"] }}\nupstreams:\n  grpc:\n    backends: [{{ addr: \"{backend}\" }}]\n    protocol: http2\n    retries: {{ attempts: 1 }}\n    timeouts: {{ read: 5s, total: 1s }}\n  down:\n    backends: [{{ addr: \"127.0.0.1:1\" }}]\n    protocol: http2\n    retries: {{ attempts: 1 }}\nroutes:\n  - {{ name: secure, match: {{ path_prefix: /test.Secure }}, upstream: grpc, auth: required }}\n  - {{ name: limited, match: {{ path_prefix: /test.Limited }}, upstream: grpc, rate_limit: {{ limits: {{ anonymous: {{ limit: 1, window: 1m }} }} }} }}\n  - {{ name: down, match: {{ path_prefix: /test.Down }}, upstream: down }}\n  - {{ name: echo, match: {{ path_prefix: /test.Echo }}, upstream: grpc }}\n",
+        "tiers:\n  anonymous: {{ limit: 100000, window: 1m }}\nconsumers:\n  - {{ id: svc, tier: pro, api_keys: [\"{}\"] }}\nupstreams:\n  grpc:\n    backends: [{{ addr: \"{backend}\" }}]\n    protocol: http2\n    retries: {{ attempts: 1 }}\n    timeouts: {{ read: 5s, total: 1s }}\n  down:\n    backends: [{{ addr: \"127.0.0.1:1\" }}]\n    protocol: http2\n    retries: {{ attempts: 1 }}\nroutes:\n  - {{ name: secure, match: {{ path_prefix: /test.Secure }}, upstream: grpc, auth: required }}\n  - {{ name: limited, match: {{ path_prefix: /test.Limited }}, upstream: grpc, rate_limit: {{ limits: {{ anonymous: {{ limit: 1, window: 1m }} }} }} }}\n  - {{ name: down, match: {{ path_prefix: /test.Down }}, upstream: down }}\n  - {{ name: echo, match: {{ path_prefix: /test.Echo }}, upstream: grpc, grpc_web: true }}\n",
         "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     )
 }
@@ -489,4 +509,79 @@ async fn grpc_timeout_is_the_calls_deadline_and_travels_on() {
     )
     .await;
     assert_eq!(a.grpc_status.as_deref(), Some("0"), "{a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_health_check_takes_a_not_serving_backend_out() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  grpc:\n    backends: [{{ addr: \"{}\" }}]\n    protocol: http2\n    health_check: {{ type: grpc, interval: 200ms, timeout: 1s, unhealthy_after: 1, healthy_after: 1 }}\nroutes:\n  - {{ name: echo, upstream: grpc }}\n",
+        backend.addr
+    ))
+    .await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", gw.port).parse().expect("addr");
+    let authority = addr.to_string();
+    let mut s = h2c(addr).await;
+    let a = call(&mut s, &authority, "/test.Echo/Unary", &[b"x"], &[]).await;
+    assert_eq!(a.grpc_status.as_deref(), Some("0"), "{a:?}");
+    backend
+        .serving
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(10),
+        "the backend marked unhealthy",
+        || async {
+            (gw.backend_field("healthy").await == vec![serde_json::Value::Bool(false)])
+                .then_some(())
+        },
+    )
+    .await;
+    let a = call(&mut s, &authority, "/test.Echo/Unary", &[b"x"], &[]).await;
+    assert_eq!(a.grpc_status.as_deref(), Some("14"), "UNAVAILABLE: {a:?}");
+    backend
+        .serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    eventually(
+        Duration::from_secs(10),
+        "the backend healthy again",
+        || async {
+            (gw.backend_field("healthy").await == vec![serde_json::Value::Bool(true)]).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_calls_are_bridged_to_the_grpc_backend() {
+    let backend = Backend::start().await;
+    let pki = Pki::new();
+    let gw = start_gateway(&backend, &pki).await;
+    let r = http()
+        .post(gw.url("/test.Echo/Unary"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(message(b"web"))
+        .send()
+        .await
+        .expect("grpc-web");
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    assert!(ct.starts_with("application/grpc-web"), "{ct}");
+    let body = r.bytes().await.expect("body");
+    let mut buf = BytesMut::from(&body[..]);
+    // A data frame, then the trailers as a frame flagged 0x80.
+    let first = messages(&mut BytesMut::from(&buf[..buf.len()]));
+    assert_eq!(
+        first.first().map(|m| &m[..]),
+        Some(&b"echo:web"[..]),
+        "{body:?}"
+    );
+    let data_len = 5 + first[0].len();
+    buf.advance(data_len);
+    assert_eq!(buf.first(), Some(&0x80), "{body:?}");
+    let trailers = String::from_utf8_lossy(&buf[5..]).to_ascii_lowercase();
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
 }
