@@ -328,6 +328,17 @@ async fn old_versions_are_refused_and_the_minimum_is_configurable() {
     assert!(ok, "TLS 1.2 refused:\n{text}");
     let (ok, text) = s_client(gw.tls_port, &["-tls1_3"]);
     assert!(ok && text.contains("TLSv1.3"), "TLS 1.3:\n{text}");
+    // Only AEAD suites with forward secrecy: a TLS 1.2 client offering CBC or static-RSA
+    // suites only finds no common cipher.
+    for weak in ["AES128-SHA", "ECDHE-ECDSA-AES128-SHA", "AES256-GCM-SHA384"] {
+        let (ok, text) = s_client(gw.tls_port, &["-tls1_2", "-cipher", weak]);
+        assert!(!ok, "{weak} accepted:\n{text}");
+    }
+    let (ok, text) = s_client(
+        gw.tls_port,
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"],
+    );
+    assert!(ok, "ECDHE-ECDSA-AES128-GCM-SHA256 refused:\n{text}");
 
     // min_version 1.3: a TLS 1.2 client is refused after a reload.
     let config = std::fs::read_to_string(&gw.config_path).expect("read");
@@ -890,4 +901,57 @@ async fn a_required_client_certificate_is_checked_at_the_handshake() {
         .then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_presented_to_an_upstream_that_requires_one() {
+    let pki = Pki::new();
+    let up = MockUpstream::start("guarded").await;
+    let leaf = pki.leaf("backend", &["backend.internal"]);
+    // The backend: a gateway whose TLS listener requires a client certificate from the CA.
+    let body = format!(
+        "{}{}",
+        tls_section(&[("backend", &leaf, &[])], Some("backend")),
+        one_route(&[&up])
+    );
+    let extra = format!(
+        "  listen_tls:\n    - {{ addr: \"127.0.0.1:{{tls}}\", client_auth: {{ ca_file: \"{}\", mode: required }} }}\n",
+        pki.ca_file().display()
+    );
+    let backend = Gateway::start_with(&body, &extra).await;
+    let client = pki.leaf("gateway-client", &["gateway.internal"]);
+    let ca = pki.ca_file();
+    let with_cert = Gateway::start(&front_body(
+        backend.tls_port,
+        &format!(
+            "{{ sni: backend.internal, ca_file: \"{}\", client_cert: \"{}\", client_key: \"{}\" }}",
+            ca.display(),
+            client.cert.display(),
+            client.key.display()
+        ),
+        "",
+    ))
+    .await;
+    let r = http()
+        .get(with_cert.url("/v"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "guarded");
+    let without = Gateway::start(&front_body(
+        backend.tls_port,
+        &format!("{{ sni: backend.internal, ca_file: \"{}\" }}", ca.display()),
+        "",
+    ))
+    .await;
+    assert_eq!(
+        http()
+            .get(without.url("/v"))
+            .send()
+            .await
+            .expect("answer")
+            .status(),
+        502
+    );
 }
