@@ -13,7 +13,7 @@ use crate::harness::*;
 
 /// A test CA and the pairs it signs, written as PEM files under `dir`.
 pub(crate) struct Pki {
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
     ca: rcgen::Certificate,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
@@ -953,5 +953,67 @@ async fn a_client_certificate_is_presented_to_an_upstream_that_requires_one() {
             .expect("answer")
             .status(),
         502
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_or_garbled_handshake_is_cut_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &["site.test"]);
+    let up = MockUpstream::start("up").await;
+    let body = format!(
+        "{}{}",
+        tls_section(&[("site", &leaf, &[])], Some("site")),
+        one_route(&[&up])
+    );
+    let gw = Gateway::start_with(&body, &format!("  header_timeout: 1s\n{TLS_LISTENER}")).await;
+    let addr = format!("127.0.0.1:{}", gw.tls_port);
+    // Nothing sent: closed once the head deadline (which covers the handshake) passes.
+    let mut silent = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("closed within the deadline")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing is sent to a silent client");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Plain HTTP on the TLS port: refused without an HTTP answer, the connection closed.
+    let mut plain = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut out)).await;
+    assert!(!out.starts_with(b"HTTP/1.1 200"), "{out:?}");
+    eventually(Duration::from_secs(5), "both failures counted", || async {
+        let timeout = gw
+            .metric("tollgate_tls_handshake_failures_total{reason=\"timeout\"}")
+            .await;
+        let malformed = gw
+            .metric("tollgate_tls_handshake_failures_total{reason=\"malformed\"}")
+            .await;
+        (timeout >= Some(1.0) && malformed >= Some(1.0)).then_some(())
+    })
+    .await;
+    // The listener still serves.
+    let c = client(&pki, &gw, &["site.test"], false);
+    assert_eq!(
+        c.get(gw.tls_url("site.test", "/"))
+            .send()
+            .await
+            .expect("ok")
+            .status(),
+        200
     );
 }
