@@ -3,6 +3,7 @@
 //! [`GatewayConfig`] that holds no strings the request path would have to interpret.
 //! Loading never touches the network and never mutates running state; `snapshot` does that.
 
+mod check;
 pub mod schema;
 mod spans;
 mod validate;

@@ -24,12 +24,7 @@ use crate::upstream::{
 
 mod tls;
 
-/// A field path and what is wrong with it, before it is located in the file.
-#[derive(Debug, Clone)]
-pub(crate) struct Problem {
-    pub field: String,
-    pub message: String,
-}
+use super::check::{socket_addr, Check, Problem};
 
 /// A validated, compiled config: everything the runtime snapshot is built from.
 #[derive(Debug, Clone)]
@@ -88,42 +83,6 @@ pub struct ServerSettings {
     /// OTLP trace export (`server.otlp`); `None` = off.
     #[cfg(feature = "otlp")]
     pub otlp: Option<crate::otlp::OtlpSpec>,
-}
-
-struct Check {
-    problems: Vec<Problem>,
-}
-
-impl Check {
-    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            field: field.into(),
-            message: message.into(),
-        });
-    }
-
-    fn positive(&mut self, field: String, d: Duration) {
-        if d.is_zero() {
-            self.err(field, "must be greater than zero");
-        }
-    }
-
-    fn range(&mut self, field: String, v: i64, lo: i64, hi: i64) -> usize {
-        if v < lo || v > hi {
-            self.err(field, format!("must be between {lo} and {hi}, got {v}"));
-        }
-        v.clamp(lo, hi) as usize
-    }
-}
-
-fn socket_addr(c: &mut Check, field: String, text: &str) -> Option<SocketAddr> {
-    match text.parse::<SocketAddr>() {
-        Ok(a) => Some(a),
-        Err(_) => {
-            c.err(field, format!("invalid address {text:?}: expected IP:PORT"));
-            None
-        }
-    }
 }
 
 /// `IP:PORT` or `HOST:PORT` (resolved now; the first address is used).

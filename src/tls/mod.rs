@@ -206,6 +206,17 @@ pub fn load_client_pair(
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| ("key_file", format!("{}: {e:?}", key_file.display())))?;
     let der = key.secret_der().to_vec();
+    // Pingora turns these bytes back into a key at every connect (and panics if it cannot):
+    // the same conversion here, where a failure is a config error.
+    if PrivateKeyDer::try_from(der.clone()).is_err() {
+        return Err((
+            "key_file",
+            format!(
+                "{}: a key pingora cannot use for a client certificate (use PKCS#8)",
+                key_file.display()
+            ),
+        ));
+    }
     let chain = cert.key.cert.iter().map(|c| c.to_vec()).collect();
     Ok(Arc::new(CertKey::new(chain, der)))
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use super::{socket_addr, Check};
+use crate::config::check::{socket_addr, Check};
 use crate::config::schema::{self, FileConfig};
 use crate::tls::{self, CertTable, Certificate, ListenerSpec, MinVersion, TlsSpec};
 use crate::upstream::UpstreamTls;
