@@ -130,6 +130,10 @@ pub struct ServerSection {
     /// Accept HTTP/2 with prior knowledge (h2c) next to HTTP/1.1 on the same port.
     #[serde(default = "yes")]
     pub h2c: bool,
+    /// Answer every request on the plain listeners with a 308 to HTTPS (as each route's
+    /// `redirect_https` does for its own requests).
+    #[serde(default)]
+    pub redirect_https: bool,
     /// The whole request header section must arrive within this (slow-header defence).
     #[serde(default = "default_header_timeout", deserialize_with = "duration")]
     pub header_timeout: Duration,

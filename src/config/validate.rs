@@ -64,6 +64,8 @@ pub struct ServerSettings {
     pub upgrade_sock: Option<String>,
     pub keepalive_timeout: Duration,
     pub h2c: bool,
+    /// Every plain-HTTP request gets a 308 to HTTPS.
+    pub redirect_https: bool,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_inflight: Option<ShedSpec>,
@@ -247,6 +249,7 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
         upgrade_sock: s.upgrade_sock.clone(),
         keepalive_timeout: s.keepalive_timeout,
         h2c: s.h2c,
+        redirect_https: s.redirect_https,
         header_timeout: {
             c.positive("server.header_timeout".into(), s.header_timeout);
             s.header_timeout

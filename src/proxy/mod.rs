@@ -101,7 +101,11 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let mut verdict = admit::check_head(session, ctx);
-        if verdict.is_ok() && !ctx.tls && ctx.route().is_some_and(|r| r.route.redirect_https) {
+        if !ctx.tls
+            && matches!(verdict, Ok(()) | Err(GatewayError::NoRoute))
+            && (ctx.snapshot.server.redirect_https
+                || ctx.route().is_some_and(|r| r.route.redirect_https))
+        {
             Box::pin(respond::redirect_https(session, ctx)).await?;
             return Ok(true);
         }

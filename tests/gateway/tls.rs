@@ -1017,3 +1017,44 @@ async fn a_stalled_or_garbled_handshake_is_cut_and_counted() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_wide_redirect_sends_every_plain_request_to_https() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &["shop.test"]);
+    let up = MockUpstream::start("up").await;
+    let body = format!(
+        "{}{}",
+        tls_section(&[("site", &leaf, &[])], None),
+        one_route(&[&up])
+    );
+    let gw = Gateway::start_with(&body, &format!("  redirect_https: true\n{TLS_LISTENER}")).await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("client");
+    for path in ["/", "/any/where?x=1"] {
+        let r = plain
+            .get(gw.url(path))
+            .header("host", "shop.test")
+            .send()
+            .await
+            .expect("plain");
+        assert_eq!(r.status(), 308);
+        assert_eq!(
+            r.headers()["location"],
+            format!("https://shop.test:{}{path}", gw.tls_port).as_str()
+        );
+    }
+    assert_eq!(up.hits(), 0);
+    let c = client(&pki, &gw, &["shop.test"], false);
+    assert_eq!(
+        c.get(gw.tls_url("shop.test", "/x"))
+            .send()
+            .await
+            .expect("tls")
+            .status(),
+        200
+    );
+}
