@@ -207,6 +207,8 @@ impl Control {
                 }])
             });
         let old = self.current.load_full();
+        // logrotate: the access log file is reopened at every reload (SIGHUP).
+        crate::access_log::reopen();
         let outcome = match loaded {
             Err(errors) => {
                 for e in &errors {
@@ -499,7 +501,14 @@ impl BackgroundService for ControlService {
                     let _ = reply.send(outcome);
                 }
                 _ = expiry_check.tick() => warn_expiring(&control.current.load()),
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    // What the access log holds is written before the process ends.
+                    let _ = tokio::task::spawn_blocking(|| {
+                        crate::access_log::flush(Duration::from_secs(2))
+                    })
+                    .await;
+                    return;
+                }
             }
         }
     }

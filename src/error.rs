@@ -98,6 +98,8 @@ pub enum GatewayError {
     PayloadTooLarge,
     /// The client was too slow sending its request.
     RequestTimeout,
+    /// The client went away before the answer (logged as NGINX's 499; nothing is sent).
+    ClientClosed,
 }
 
 impl GatewayError {
@@ -118,6 +120,7 @@ impl GatewayError {
             Self::HeadersTooLarge => 431,
             Self::PayloadTooLarge => 413,
             Self::RequestTimeout => 408,
+            Self::ClientClosed => 499,
         }
     }
 
@@ -137,6 +140,7 @@ impl GatewayError {
             Self::HeadersTooLarge => "headers_too_large",
             Self::PayloadTooLarge => "payload_too_large",
             Self::RequestTimeout => "request_timeout",
+            Self::ClientClosed => "client_closed_request",
         }
     }
 
@@ -167,6 +171,7 @@ impl GatewayError {
             Self::HeadersTooLarge => "the request headers are too large",
             Self::PayloadTooLarge => "the request body is too large for this route",
             Self::RequestTimeout => "the request was not received in time",
+            Self::ClientClosed => "the client closed the connection before the answer",
         }
     }
 

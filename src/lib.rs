@@ -5,7 +5,7 @@
 //! never in a cycle; `tests/layers.rs` checks both):
 //! 1. foundation, no Tollgate state: `http` (message rules, head syntax, added fields), `clock`,
 //!    `metrics`, `error`;
-//! 2. concerns: `store` (Redis), `observe`, `otlp`, `upstream` (specs, selection, backends,
+//! 2. concerns: `store` (Redis), `observe`, `access_log`, `otlp`, `upstream` (specs, selection, backends,
 //!    breakers, health probes), `shed`, `identity`, `limit`, `cache`, `route`, `admission`,
 //!    `tls` (certificates, SNI, listeners' TLS settings), `front` (the connection's front end);
 //! 3. `config`: the YAML file compiled into the concerns' types;
@@ -13,6 +13,7 @@
 //! 5. `snapshot`: one immutable generation of the running config (a `RouteRuntime` per route);
 //! 6. `proxy` (the request flow), `control` (load, reload, background work), `admin`.
 
+pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod cache;

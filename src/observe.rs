@@ -1,19 +1,6 @@
 //! Request identity for operators: the request id (a valid incoming `X-Request-Id` is kept,
 //! otherwise a UUIDv7 is made), W3C trace context (`traceparent` continued with a new span id,
-//! or started; `tracestate` passed through), and the JSON access log — one line per request,
-//! handed to a writer thread through a bounded channel so a slow disk never slows a request
-//! (when the channel is full the line is dropped and counted). Never on the critical path of
-//! a decision; never blocks.
-
-use std::io::Write;
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, LazyLock, Mutex};
-
-use arc_swap::ArcSwapOption;
-
-use serde::Serialize;
-
-use crate::metrics;
+//! or started; `tracestate` passed through). The access log itself is `access_log`.
 
 /// Longest request id accepted from a client.
 pub const MAX_REQUEST_ID: usize = 128;
@@ -157,124 +144,8 @@ impl TraceParent {
     }
 }
 
-/// One access log line.
-#[derive(Debug, Serialize)]
-pub struct AccessRecord {
-    pub time: String,
-    pub request_id: String,
-    pub trace_id: String,
-    pub client: String,
-    pub method: String,
-    pub path: String,
-    pub route: String,
-    pub status: u16,
-    pub bytes_in: usize,
-    pub bytes_out: usize,
-    pub total_ms: f64,
-    pub upstream_ms: Option<f64>,
-    pub backend: Option<String>,
-    pub consumer: Option<String>,
-    pub tier: Option<String>,
-    pub rate_limit: &'static str,
-    pub cache: &'static str,
-    pub retries: usize,
-    pub error: Option<&'static str>,
-}
-
-/// Where access log lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogTarget {
-    Off,
-    Stdout,
-    File(String),
-}
-
-/// The writer for the current target; read lock-free, replaced (under `SWITCH`) when the
-/// target changes on reload.
-static WRITER: LazyLock<ArcSwapOption<(LogTarget, SyncSender<AccessRecord>)>> =
-    LazyLock::new(ArcSwapOption::empty);
-static SWITCH: Mutex<()> = Mutex::new(());
-
-/// Queue a record for the writer (started on first use, inside the running process, so it
-/// survives daemonisation). Never blocks: a full queue drops the line and counts it.
-pub fn log(target: &LogTarget, record: AccessRecord) {
-    if *target == LogTarget::Off {
-        return;
-    }
-    let mut current = WRITER.load();
-    if current.as_ref().is_none_or(|w| w.0 != *target) {
-        let _switching = SWITCH.lock().unwrap_or_else(|p| p.into_inner());
-        current = WRITER.load();
-        if current.as_ref().is_none_or(|w| w.0 != *target) {
-            let fresh = start_writer(target.clone()).map(|tx| Arc::new((target.clone(), tx)));
-            WRITER.store(fresh);
-            current = WRITER.load();
-        }
-    }
-    let Some(writer) = current.as_ref() else {
-        return;
-    };
-    match writer.1.try_send(record) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-            metrics::ACCESS_LOG_DROPPED.inc();
-        }
-    }
-}
-
-fn start_writer(target: LogTarget) -> Option<SyncSender<AccessRecord>> {
-    let mut out: Box<dyn Write + Send> = match &target {
-        LogTarget::Off => return None,
-        LogTarget::Stdout => Box::new(std::io::stdout()),
-        LogTarget::File(path) => match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            Ok(f) => Box::new(f),
-            Err(e) => {
-                log::error!("access log: cannot open {path}: {e}");
-                return None;
-            }
-        },
-    };
-    let (tx, rx) = sync_channel::<AccessRecord>(16 * 1024);
-    let spawned = std::thread::Builder::new()
-        .name("tollgate-access-log".into())
-        .spawn(move || {
-            let mut buf = Vec::with_capacity(64 * 1024);
-            while let Ok(first) = rx.recv() {
-                buf.clear();
-                let mut next = Some(first);
-                // Batch whatever is already queued into one write.
-                while let Some(rec) = next {
-                    if serde_json::to_writer(&mut buf, &rec).is_ok() {
-                        buf.push(b'\n');
-                    }
-                    next = if buf.len() < 60 * 1024 {
-                        rx.try_recv().ok()
-                    } else {
-                        None
-                    };
-                }
-                if out.write_all(&buf).and_then(|()| out.flush()).is_err() {
-                    metrics::ACCESS_LOG_DROPPED.inc();
-                }
-            }
-        });
-    match spawned {
-        Ok(_) => Some(tx),
-        Err(e) => {
-            log::error!("access log: cannot start the writer thread: {e}");
-            None
-        }
-    }
-}
-
-/// RFC 3339 UTC time with milliseconds, for log lines.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
+/// Where access log lines go (the log itself is `access_log`).
+pub use crate::access_log::LogTarget;
 
 #[cfg(test)]
 mod tests {

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     // Concerns.
     ("store", 1),
     ("observe", 1),
+    ("access_log", 1),
     ("otlp", 1),
     ("upstream", 1),
     ("shed", 1),

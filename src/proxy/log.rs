@@ -1,15 +1,15 @@
 //! The request's end (pingora's `logging`): per-route metrics, the OTLP span (feature `otlp`)
-//! and the JSON access log line, assembled here and written off the request path by `observe`.
+//! and the JSON access log line, formatted by `access_log` into the thread's buffer.
 
 use pingora_error::Error;
 use pingora_proxy::Session;
 
 use super::ctx::Ctx;
+use crate::access_log;
 use crate::clock;
 use crate::error::GatewayError;
 use crate::limit;
 use crate::metrics;
-use crate::observe;
 
 /// Account for the finished request.
 pub fn finish(session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
@@ -32,36 +32,29 @@ pub fn finish(session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
     if let Some(exporter) = &snapshot.otlp {
         super::span::finish(exporter, session, ctx, status);
     }
-    if snapshot.server.access_log == observe::LogTarget::Off {
+    if snapshot.server.access_log == access_log::LogTarget::Off {
         return;
     }
     let req = session.req_header();
-    let backend = ctx.current.and_then(|a| {
-        ctx.upstream()
-            .map(|u| u.spec.backends[a.backend].addr.to_string())
-    });
+    let backend = ctx
+        .current
+        .and_then(|a| ctx.upstream().map(|u| u.spec.backends[a.backend].addr));
+    let tiers = &snapshot.identity.tiers;
     let (consumer, tier) = match &ctx.identity {
-        Some(id) => (
-            id.consumer.as_deref().map(str::to_string),
-            snapshot.identity.tiers.get(id.tier).map(|t| t.to_string()),
-        ),
-        None => (None, snapshot.identity.tiers.first().map(|t| t.to_string())),
+        Some(id) => (id.consumer.as_deref(), tiers.get(id.tier).map(|t| &**t)),
+        None => (None, tiers.first().map(|t| &**t)),
     };
-    let record = observe::AccessRecord {
-        time: observe::now_rfc3339(),
-        request_id: std::mem::take(&mut ctx.request_id),
-        trace_id: ctx.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+    let line = access_log::Line {
+        time: std::time::SystemTime::now(),
+        request_id: &ctx.request_id,
+        trace_id: ctx.trace.as_ref().map(|t| &t.trace_id),
         client: session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default(),
-        method: req.method.as_str().to_string(),
-        path: req.uri.path().chars().take(2048).collect(),
-        route: ctx
-            .route()
-            .map(|r| r.route.name.to_string())
-            .unwrap_or_default(),
+            .map(|a| a.ip()),
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        route: ctx.route().map_or("", |r| &*r.route.name),
         status,
         bytes_in: session.body_bytes_read(),
         bytes_out: session.body_bytes_sent(),
@@ -80,5 +73,5 @@ pub fn finish(session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         retries: ctx.tries.saturating_sub(1),
         error: ctx.error.map(GatewayError::code),
     };
-    observe::log(&snapshot.server.access_log, record);
+    access_log::log(&snapshot.server.access_log, &line);
 }

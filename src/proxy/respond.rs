@@ -62,6 +62,8 @@ pub async fn failed(session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToPr
         ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
     ) && e.esource() == &ErrorSource::Downstream;
     if downstream_gone {
+        // Not the client's mistake to answer, and no answer can reach it: logged as NGINX's 499.
+        ctx.error = Some(GatewayError::ClientClosed);
         return FailToProxy {
             error_code: 0,
             can_reuse_downstream: false,

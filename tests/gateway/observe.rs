@@ -255,3 +255,92 @@ async fn per_backend_in_flight_follows_attempts_retries_and_errors() {
     )
     .await;
 }
+
+fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a whole JSON line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_file_is_reopened_on_sighup_flushed_at_exit_and_says_499() {
+    let up = MockUpstream::start("up").await;
+    let logs = tempfile::tempdir().expect("dir");
+    let path = logs.path().join("access.log");
+    let mut gw = Gateway::start_with(
+        &one_route(&[&up]),
+        &format!("  access_log: \"{}\"\n", path.display()),
+    )
+    .await;
+    let client = http();
+    for i in 0..3 {
+        assert_eq!(
+            get(&client, &gw.url(&format!("/a{i}"))).await.map(|r| r.0),
+            Some(200)
+        );
+    }
+    // Lines reach the file within the writer's interval, without more traffic.
+    eventually(
+        Duration::from_secs(5),
+        "three lines in the file",
+        || async { (log_lines(&path).len() == 3).then_some(()) },
+    )
+    .await;
+    // logrotate: move the file away, SIGHUP, and new lines go to a new file.
+    let rotated = logs.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).expect("rotate");
+    let s = gw.sighup_and_wait().await;
+    assert_eq!(s["last_reload"]["ok"], true, "{s}");
+    assert_eq!(
+        get(&client, &gw.url("/after")).await.map(|r| r.0),
+        Some(200)
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the line in the reopened file",
+        || async { (log_lines(&path).len() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(log_lines(&rotated).len(), 3);
+    assert_eq!(log_lines(&path)[0]["path"], "/after");
+
+    // A client that leaves before the answer: NGINX's 499, not the client's 400.
+    up.set_delay(Duration::from_millis(1500));
+    let hits = up.hits();
+    let mut s = gw.connect().await;
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"GET /gone HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(
+        Duration::from_secs(5),
+        "the request at the upstream",
+        || async { (up.hits() > hits).then_some(()) },
+    )
+    .await;
+    drop(s);
+    let gone = eventually(Duration::from_secs(10), "the 499 line", || async {
+        log_lines(&path).into_iter().find(|l| l["path"] == "/gone")
+    })
+    .await;
+    assert_eq!(gone["status"], 499, "{gone}");
+    assert_eq!(gone["error"], "client_closed_request", "{gone}");
+    up.set_delay(Duration::ZERO);
+
+    // Lines still buffered at shutdown are written before the process exits.
+    let before = log_lines(&path).len();
+    for i in 0..20 {
+        assert_eq!(
+            get(&client, &gw.url(&format!("/last{i}")))
+                .await
+                .map(|r| r.0),
+            Some(200)
+        );
+    }
+    gw.signal(gw.child.id(), "TERM");
+    let status = gw.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success() || status.code().is_some(), "{status:?}");
+    assert_eq!(log_lines(&path).len(), before + 20);
+}
