@@ -38,7 +38,8 @@
 # the same core. wrk drives each proxy in interleaved rounds (every proxy once per round, the
 # order rotated each round) so machine drift hits all of them equally.
 #
-# The proxies: NGINX, HAProxy, the bare pingora reference proxy, plain Tollgate, and three
+# The proxies: NGINX, HAProxy, the bare pingora reference proxy, plain Tollgate, Tollgate with
+# its JSON access log written to a file (`tollgate-log`), and three
 # Tollgates that differ from plain Tollgate only by a rate limit no run can reach (every request
 # is decided, and allowed): `tollgate-rl-local` (in-process counters), `tollgate-rl-exact` (one
 # Redis script per request) and `tollgate-rl-batched` (local decisions, deltas synced to Redis
@@ -91,7 +92,7 @@ if [[ -z ${UPSTREAM_CPU:-} ]]; then
 fi
 REDIS_CPU=${REDIS_CPU:-$UPSTREAM_CPU}
 # The order of the table; the first round runs them in this order, later rounds rotate it.
-ALL_PROXIES=(nginx haproxy reference tollgate-plain tollgate tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
+ALL_PROXIES=(nginx haproxy reference tollgate-plain tollgate tollgate-log tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
 if [[ $COUNT == instructions ]]; then
     # callgrind follows one process; NGINX and HAProxy are measured by CPU time only.
     read -r -a PROXIES <<<"${PROXIES:-reference tollgate-plain tollgate tollgate-rl-local}"
@@ -424,7 +425,7 @@ limiter_commands() {
 # (routes get the tier limits without a route setting; anonymous callers are keyed by client
 # IP) in one of the limiter modes.
 limiter_yaml() {
-    [[ $1 == tollgate ]] && return 0
+    [[ $1 == tollgate || $1 == tollgate-log ]] && return 0
     if [[ $1 == tollgate-plain ]]; then
         # The same work as the reference proxy: route and forward, no added headers.
         printf '\n'
@@ -456,6 +457,12 @@ plain_server_yaml() {
     printf '  forwarded_headers: false\n  request_id_header: false\n  trace_context: false\n  hide_backend_server: false\n'
 }
 
+# Every Tollgate run logs nothing per request (like the NGINX and HAProxy runs), except
+# tollgate-log: Tollgate's defaults with the JSON access log to a file.
+access_log_of() {
+    if [[ $1 == tollgate-log ]]; then echo "\"$WORK/$1/access.log\""; else echo off; fi
+}
+
 # Tollgate's listeners: the measured port, in plain text or with TLS (then its required plain
 # listener is on a port of its own, unused).
 tollgate_listen() {
@@ -479,7 +486,7 @@ server:
 $(tollgate_listen "$name" "$port")
   threads: 1
   grace_period: 1s
-  access_log: off        # like the NGINX and HAProxy runs: no per-request log
+  access_log: $(access_log_of "$name")
 $(plain_server_yaml "$name")
   pid_file: $dir/tollgate.pid
   upgrade_sock: $dir/tollgate_upgrade.sock
@@ -510,7 +517,7 @@ EOF
 start_proxy() {
     case $1 in
     nginx | haproxy | reference) "start_$1" "$2" "$3" ;;
-    tollgate | tollgate-plain | tollgate-rl-*) start_tollgate "$@" ;;
+    tollgate | tollgate-plain | tollgate-log | tollgate-rl-*) start_tollgate "$@" ;;
     *) die "unknown proxy: $1" ;;
     esac
 }

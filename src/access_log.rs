@@ -81,7 +81,7 @@ impl Line<'_> {
         }
         out.extend_from_slice(b"\",\"client\":\"");
         if let Some(ip) = self.client {
-            let _ = write!(Fmt(out), "{ip}");
+            ip_text(out, ip);
         }
         out.extend_from_slice(b"\",\"method\":");
         string(out, self.method);
@@ -110,7 +110,16 @@ impl Line<'_> {
         match self.backend {
             Some(a) => {
                 out.push(b'"');
-                let _ = write!(Fmt(out), "{a}");
+                match a.ip() {
+                    IpAddr::V4(_) => ip_text(out, a.ip()),
+                    IpAddr::V6(v6) => {
+                        out.push(b'[');
+                        let _ = write!(Fmt(out), "{v6}");
+                        out.push(b']');
+                    }
+                }
+                out.push(b':');
+                int(out, u64::from(a.port()));
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"null"),
@@ -149,6 +158,23 @@ static HEX: LazyLock<[[u8; 2]; 256]> = LazyLock::new(|| {
     }
     t
 });
+
+/// An IPv4 address by hand (the common case; `Display` goes through the formatting machinery).
+fn ip_text(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                int(out, u64::from(*octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(Fmt(out), "{v6}");
+        }
+    }
+}
 
 fn int(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
@@ -275,9 +301,27 @@ pub fn log(target: &LogTarget, line: &Line<'_>) {
     if *target == LogTarget::Off {
         return;
     }
-    let Some(writer) = writer_for(target) else {
-        return;
+    // The common case reads the current writer without touching its reference count.
+    let current = WRITER.load();
+    let full = match current.as_ref() {
+        Some(w) if w.0 == *target => append(line),
+        _ => {
+            drop(current);
+            if writer_for(target).is_none() {
+                return;
+            }
+            append(line)
+        }
     };
+    if let Some(full) = full {
+        if let Some(w) = WRITER.load().as_ref() {
+            send(&w.1, full);
+        }
+    }
+}
+
+/// Format `line` into this thread's buffer; the buffer's content when it is full.
+fn append(line: &Line<'_>) -> Option<Vec<u8>> {
     SHARD.with(|slot| {
         let mut slot = slot.borrow_mut();
         let shard = slot.get_or_insert_with(|| {
@@ -290,12 +334,8 @@ pub fn log(target: &LogTarget, line: &Line<'_>) {
         });
         let mut buf = shard.lock().unwrap_or_else(|p| p.into_inner());
         line.write_json(&mut buf);
-        if buf.len() >= BATCH {
-            let full = std::mem::replace(&mut *buf, Vec::with_capacity(BATCH + 1024));
-            drop(buf);
-            send(&writer.1, full);
-        }
-    });
+        (buf.len() >= BATCH).then(|| std::mem::replace(&mut *buf, Vec::with_capacity(BATCH + 1024)))
+    })
 }
 
 fn send(tx: &SyncSender<Msg>, batch: Vec<u8>) {

@@ -43,6 +43,15 @@ fn a_line_is_one_json_object_with_every_field() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["error"], serde_json::Value::Null);
     assert_eq!(v.as_object().map(|o| o.len()), Some(19));
+    // IPv6 in both fields.
+    let mut l = line("/a", None);
+    l.client = Some("2001:db8::1".parse().expect("ip"));
+    l.backend = Some("[::1]:8080".parse().expect("addr"));
+    let mut out = Vec::new();
+    l.write_json(&mut out);
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(v["client"], "2001:db8::1");
+    assert_eq!(v["backend"], "[::1]:8080");
 }
 
 #[test]
