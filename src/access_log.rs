@@ -1,7 +1,7 @@
 //! The JSON access log, at the price NGINX pays for its own: each line is formatted on the
 //! worker thread that finished the request, straight into that thread's buffer (no `String` per
 //! field; the time's text is made once per second), and buffers go to one writer thread whole —
-//! when one reaches 64 KiB, or on the writer's timer (`FLUSH_INTERVAL`) — so a line costs no
+//! when one reaches 64 KiB, or on the writer's timer (`server.access_log_flush`) — so a line costs no
 //! wake-up and no system call. The writer thread writes each buffer with one `write` of whole
 //! lines (lines never interleave or tear). When the writer is behind (a full disk, a slow
 //! stdout), a full buffer is dropped and its lines counted in `tollgate_access_log_dropped_total`:
@@ -25,8 +25,19 @@ use crate::metrics;
 
 /// A thread's buffer is handed to the writer when it holds this much.
 const BATCH: usize = 64 * 1024;
-/// How long a line may wait in a buffer at most (the writer collects every buffer this often).
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a line may wait in a buffer at most (the writer collects every buffer this often),
+/// in milliseconds: `server.access_log_flush`, 500 by default.
+static FLUSH_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(500);
+
+/// Follow `server.access_log_flush` (at every published config).
+pub fn set_flush_interval(d: Duration) {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(1000).clamp(1, 1000);
+    FLUSH_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn flush_interval() -> Duration {
+    Duration::from_millis(FLUSH_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
 /// Buffers waiting for the writer; beyond it, buffers are dropped (and their lines counted).
 const QUEUE: usize = 64;
 
@@ -417,7 +428,7 @@ fn write_loop(target: LogTarget, mut out: Box<dyn std::io::Write + Send>, rx: Re
             metrics::ACCESS_LOG_DROPPED.inc_by(memchr::memchr_iter(b'\n', batch).count() as u64);
         }
     };
-    let mut next_sweep = std::time::Instant::now() + FLUSH_INTERVAL;
+    let mut next_sweep = std::time::Instant::now() + flush_interval();
     loop {
         let wait = next_sweep.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(wait) {
@@ -442,7 +453,7 @@ fn write_loop(target: LogTarget, mut out: Box<dyn std::io::Write + Send>, rx: Re
             for b in collect() {
                 write(&mut out, &b);
             }
-            next_sweep = std::time::Instant::now() + FLUSH_INTERVAL;
+            next_sweep = std::time::Instant::now() + flush_interval();
         }
     }
 }

@@ -274,6 +274,7 @@ impl Control {
 /// Hand the connection front end the values it reads per connection from a snapshot about to be
 /// published.
 fn follow_front(front: &crate::front::FrontSettings, s: &Snapshot) {
+    crate::access_log::set_flush_interval(s.server.access_log_flush);
     front.follow(
         s.keepalive_secs,
         s.server.max_header_bytes,

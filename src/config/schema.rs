@@ -99,6 +99,10 @@ pub enum ClientAuthMode {
     Required,
 }
 
+fn default_log_flush() -> Duration {
+    Duration::from_millis(500)
+}
+
 fn default_min_tls() -> String {
     "1.2".into()
 }
@@ -179,6 +183,9 @@ pub struct ServerSection {
     /// JSON access log: `stdout` (default), `off`, or a file path.
     #[serde(default = "default_access_log")]
     pub access_log: String,
+    /// The longest a line waits in a buffer before it is written (1ms-1s).
+    #[serde(default = "default_log_flush", deserialize_with = "duration")]
+    pub access_log_flush: Duration,
     /// OTLP trace export; only a binary built with `--features otlp` accepts it.
     #[serde(default)]
     pub otlp: Option<OtlpSection>,

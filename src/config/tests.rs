@@ -202,3 +202,33 @@ fn a_route_whose_tiers_set_no_limit_skips_the_limiter() {
     let c = load_str(Path::new("t.yaml"), &text).expect("valid");
     assert!(!c.routes[0].limit.enabled, "switched off on the route");
 }
+
+#[test]
+fn the_access_log_flush_interval_is_bounded_and_located() {
+    let c = load_str(Path::new("t.yaml"), GOOD).expect("valid");
+    assert_eq!(
+        c.server.access_log_flush,
+        std::time::Duration::from_millis(500)
+    );
+    let text = GOOD.replace(
+        "  listen: [\"127.0.0.1:8080\"]\n",
+        "  listen: [\"127.0.0.1:8080\"]\n  access_log_flush: 5s\n",
+    );
+    let errs = load_str(Path::new("t.yaml"), &text).expect_err("too long");
+    assert_eq!(errs[0].field, "server.access_log_flush");
+    assert_eq!(errs[0].line, 3);
+    assert!(
+        errs[0].message.contains("between 1ms and 1s"),
+        "{}",
+        errs[0]
+    );
+    let text = GOOD.replace(
+        "  listen: [\"127.0.0.1:8080\"]\n",
+        "  listen: [\"127.0.0.1:8080\"]\n  access_log_flush: 50ms\n",
+    );
+    let c = load_str(Path::new("t.yaml"), &text).expect("valid");
+    assert_eq!(
+        c.server.access_log_flush,
+        std::time::Duration::from_millis(50)
+    );
+}

@@ -72,6 +72,8 @@ pub struct ServerSettings {
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     pub access_log: crate::observe::LogTarget,
+    /// The access log writer collects every buffer this often.
+    pub access_log_flush: Duration,
     pub forwarded_headers: bool,
     pub request_id_header: bool,
     pub hide_backend_server: bool,
@@ -295,6 +297,17 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
             crate::http::fields::Case::Canonical
         },
         trace_context: s.trace_context,
+        access_log_flush: {
+            if s.access_log_flush < Duration::from_millis(1)
+                || s.access_log_flush > Duration::from_secs(1)
+            {
+                c.err(
+                    "server.access_log_flush",
+                    format!("must be between 1ms and 1s, got {:?}", s.access_log_flush),
+                );
+            }
+            s.access_log_flush
+        },
         access_log: match s.access_log.as_str() {
             "off" => crate::observe::LogTarget::Off,
             "stdout" => crate::observe::LogTarget::Stdout,
