@@ -38,6 +38,12 @@
 # the same core. wrk drives each proxy in interleaved rounds (every proxy once per round, the
 # order rotated each round) so machine drift hits all of them equally.
 #
+# The gateway pair does the same gateway work on both sides: `nginx-gateway` (an API key looked up
+# in a `map`, 401 without it, a `limit_req` no run reaches, a JSON access log to a file with
+# `buffer=64k`, `X-Request-Id` and `X-Forwarded-For` upstream) and `tollgate-gateway` (the key
+# required by the route, a local tier limit no run reaches, the JSON access log to a file,
+# Tollgate's defaults). Every run's requests carry the key; the others ignore it.
+#
 # The proxies: NGINX, HAProxy, the bare pingora reference proxy, plain Tollgate, Tollgate with
 # its JSON access log written to a file (`tollgate-log`), and three
 # Tollgates that differ from plain Tollgate only by a rate limit no run can reach (every request
@@ -92,7 +98,7 @@ if [[ -z ${UPSTREAM_CPU:-} ]]; then
 fi
 REDIS_CPU=${REDIS_CPU:-$UPSTREAM_CPU}
 # The order of the table; the first round runs them in this order, later rounds rotate it.
-ALL_PROXIES=(nginx haproxy reference tollgate-plain tollgate tollgate-log tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
+ALL_PROXIES=(nginx haproxy nginx-gateway reference tollgate-plain tollgate tollgate-log tollgate-gateway tollgate-rl-local tollgate-rl-exact tollgate-rl-batched)
 if [[ $COUNT == instructions ]]; then
     # callgrind follows one process; NGINX and HAProxy are measured by CPU time only.
     read -r -a PROXIES <<<"${PROXIES:-reference tollgate-plain tollgate tollgate-rl-local}"
@@ -129,10 +135,12 @@ proxy_url() {
     if [[ $1 != upstream ]] && tls_transport; then echo "https://127.0.0.1:$2/"; else echo "http://127.0.0.1:$2/"; fi
 }
 # wrk's extra arguments: a new connection per request for tls-new.
-WRK_EXTRA=()
+# The API key every request carries (the gateway runs require it).
+BENCH_KEY=tg_bench_key_0123456789abcdef
+WRK_EXTRA=(-H "X-API-Key: $BENCH_KEY")
 CERT_DIR=
 make_certs() {
-    [[ $TRANSPORT == tls-new ]] && WRK_EXTRA=(-H "Connection: close")
+    [[ $TRANSPORT == tls-new ]] && WRK_EXTRA+=(-H "Connection: close")
     tls_transport || return 0
     CERT_DIR="$WORK/certs"
     "$REPO/scripts/dev-cert.sh" "$CERT_DIR" bench bench.test >/dev/null ||
@@ -256,7 +264,7 @@ wait_ready() {
     local name=$1 port=$2 pid=$3 i
     for i in $(seq 150); do
         kill -0 "$pid" 2>/dev/null || { tail -20 "$WORK/$name.log" >&2; die "$name exited at start"; }
-        if [[ $(curl -sk -o /dev/null -w '%{http_code}' "$(proxy_url "$name" "$port")" 2>/dev/null) == 200 ]]; then
+        if [[ $(curl -sk -H "X-API-Key: $BENCH_KEY" -o /dev/null -w '%{http_code}' "$(proxy_url "$name" "$port")" 2>/dev/null) == 200 ]]; then
             return 0
         fi
         sleep 0.2
@@ -339,6 +347,45 @@ $(tls_transport && printf '        ssl_certificate %s;\n        ssl_certificate_
 EOF
     } >"$dir/nginx.conf"
     start nginx "$PROXY_CPU" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
+}
+
+# NGINX doing a gateway's work (see the header): key lookup, a limit never reached, a JSON access
+# log to a file (buffered), request id and forwarded-for upstream.
+start_nginx-gateway() {
+    local port=$1 upstream=$2 dir="$WORK/nginx-gateway"
+    mkdir -p "$dir"
+    {
+        nginx_common "$dir"
+        echo "http {"
+        nginx_http_common "$dir"
+        cat <<EOF
+    map \$http_x_api_key \$consumer { default ""; "$BENCH_KEY" "bench"; }
+    limit_req_zone \$binary_remote_addr zone=perclient:10m rate=100000000r/s;
+    log_format gateway escape=json '{"time":"\$time_iso8601","request_id":"\$request_id","client":"\$remote_addr","method":"\$request_method","path":"\$uri","route":"all","status":\$status,"bytes_in":\$request_length,"bytes_out":\$body_bytes_sent,"total_ms":\$request_time,"upstream_ms":"\$upstream_response_time","backend":"\$upstream_addr","consumer":"\$consumer"}';
+    upstream backend {
+        server 127.0.0.1:$upstream;
+        keepalive 128;
+        keepalive_requests 1000000000;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        access_log $dir/access.log gateway buffer=64k flush=1s;
+        location / {
+            if (\$consumer = "") { return 401 '{"error":"missing_credentials"}'; }
+            limit_req zone=perclient burst=100000000 nodelay;
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Request-Id \$request_id;
+            proxy_set_header X-Consumer-Id \$consumer;
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    nginx -t -q -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" || die "nginx-gateway: nginx rejected its config"
+    start nginx-gateway "$PROXY_CPU" nginx -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf"
 }
 
 # One process, one thread (-db: stay in the foreground, no master/worker split). HTTP mode keeps
@@ -426,6 +473,16 @@ limiter_commands() {
 # IP) in one of the limiter modes.
 limiter_yaml() {
     [[ $1 == tollgate || $1 == tollgate-log ]] && return 0
+    if [[ $1 == tollgate-gateway ]]; then
+        cat <<EOF
+
+tiers:
+  pro: { limit: $RL_LIMIT, window: 1m }
+consumers:
+  - { id: bench, tier: pro, api_keys: ["$("$TOLLGATE_BIN" key hash "$BENCH_KEY")"] }
+EOF
+        return 0
+    fi
     if [[ $1 == tollgate-plain ]]; then
         # The same work as the reference proxy: route and forward, no added headers.
         printf '\n'
@@ -460,7 +517,7 @@ plain_server_yaml() {
 # Every Tollgate run logs nothing per request (like the NGINX and HAProxy runs), except
 # tollgate-log: Tollgate's defaults with the JSON access log to a file.
 access_log_of() {
-    if [[ $1 == tollgate-log ]]; then echo "\"$WORK/$1/access.log\""; else echo off; fi
+    if [[ $1 == tollgate-log || $1 == tollgate-gateway ]]; then echo "\"$WORK/$1/access.log\""; else echo off; fi
 }
 
 # Tollgate's listeners: the measured port, in plain text or with TLS (then its required plain
@@ -500,6 +557,7 @@ routes:
   - name: all
     match: { path_prefix: / }
     upstream: bench
+$([[ $name == tollgate-gateway ]] && echo "    auth: required")
 EOF
         if tls_transport; then
             printf '\ntls:\n  certificates:\n    - { name: bench, cert_file: "%s", key_file: "%s" }\n  default_certificate: bench\n' \
@@ -516,8 +574,8 @@ EOF
 # Start one proxy by its run name. Usage: start_proxy NAME PORT UPSTREAM_PORT
 start_proxy() {
     case $1 in
-    nginx | haproxy | reference) "start_$1" "$2" "$3" ;;
-    tollgate | tollgate-plain | tollgate-log | tollgate-rl-*) start_tollgate "$@" ;;
+    nginx | haproxy | reference | nginx-gateway) "start_$1" "$2" "$3" ;;
+    tollgate | tollgate-plain | tollgate-log | tollgate-gateway | tollgate-rl-*) start_tollgate "$@" ;;
     *) die "unknown proxy: $1" ;;
     esac
 }
@@ -600,7 +658,8 @@ parse_h2load() {
 load() {
     local duration=$1 url=$2
     if [[ $TRANSPORT == h2tls ]]; then
-        taskset -c "$LOAD_CPU" h2load -t"$WRK_THREADS" -c"$CONNECTIONS" -m10 -D"${duration%s}" "$url"
+        taskset -c "$LOAD_CPU" h2load -t"$WRK_THREADS" -c"$CONNECTIONS" -m10 -D"${duration%s}" \
+            -H "X-API-Key: $BENCH_KEY" "$url"
     else
         taskset -c "$LOAD_CPU" wrk -t"$WRK_THREADS" -c"$CONNECTIONS" -d"$duration" --latency "${WRK_EXTRA[@]}" "$url"
     fi

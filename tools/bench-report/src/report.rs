@@ -115,6 +115,18 @@ pub fn report(runs: &[Run], facts: &Facts) -> Vec<String> {
         ));
     }
 
+    if f.proxies.iter().any(|p| p == "tollgate-gateway")
+        && f.proxies.iter().any(|p| p == "nginx-gateway")
+    {
+        out.extend([
+            String::new(),
+            format!(
+                "Gateway work on both sides (API key, a limit never reached, JSON access log to a file): tollgate-gateway uses {} the CPU per request of nginx-gateway (target ≤ 1.25×).",
+                ratio(paired(runs, Pair::Ratio, "tollgate-gateway", "nginx-gateway", |r| r.cost))
+            ),
+        ]);
+    }
+
     let worst = max_steal(runs, None);
     if worst > 5.0 {
         out.extend([
@@ -381,6 +393,68 @@ mod tests {
             "| tollgate | 36500 | 1.690 | 3.500 | 32.00 | 2.00× | 1.05× | 1.10× | 4.0 | 3 | 7 |",
         ]);
         assert_lines(&got, &want);
+    }
+
+    #[test]
+    fn the_gateway_pair_gets_its_ratio() {
+        let text = [
+            cpu_row(
+                "nginx-gateway",
+                1,
+                "50000.00",
+                900,
+                1800,
+                "20.00",
+                500000,
+                "-",
+                "-",
+                "0.0",
+            ),
+            cpu_row(
+                "nginx-gateway",
+                2,
+                "50000.00",
+                900,
+                1800,
+                "25.00",
+                500000,
+                "-",
+                "-",
+                "0.0",
+            ),
+            cpu_row(
+                "tollgate-gateway",
+                1,
+                "40000.00",
+                1000,
+                2000,
+                "30.00",
+                400000,
+                "-",
+                "-",
+                "0.0",
+            ),
+            cpu_row(
+                "tollgate-gateway",
+                2,
+                "40000.00",
+                1000,
+                2000,
+                "35.00",
+                400000,
+                "-",
+                "-",
+                "0.0",
+            ),
+        ]
+        .concat();
+        let got = report(&runs(&text), &facts(&["nginx-gateway", "tollgate-gateway"]));
+        // Per round 30/20 = 1.5 and 35/25 = 1.4: the median of the two is 1.45.
+        let line = got.last().expect("a report");
+        assert!(
+            line.contains("uses 1.45× the CPU per request of nginx-gateway"),
+            "{line}"
+        );
     }
 
     #[test]
