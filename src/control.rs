@@ -57,6 +57,8 @@ pub struct Control {
     pub front: Arc<crate::front::FrontSettings>,
     /// The TLS listeners' acceptors (follow every published snapshot).
     pub tls: Arc<crate::tls::Acceptors>,
+    /// ACME: the certificates' tasks and challenge answers (follow every published snapshot).
+    pub acme: Arc<crate::acme::Acme>,
     /// The gRPC-web module was installed at start (see `proxy::Gateway::grpc_web`).
     pub grpc_web_installed: bool,
     phases: Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
@@ -78,6 +80,7 @@ impl Control {
         Arc::new(Self {
             grpc_web_installed: config.routes.iter().any(|r| r.grpc_web),
             tls,
+            acme: Arc::new(crate::acme::Acme::default()),
             pid_file: config.server.pid_file.clone(),
             path,
             current: Arc::new(ArcSwap::from_pointee(unprobed)),
@@ -182,7 +185,8 @@ impl Control {
             );
             self.cache.set_capacity(snapshot.cache.max_bytes);
             follow_front(&self.front, &snapshot);
-            follow_tls(&self.tls, &snapshot);
+            follow_acme(&self.acme, &snapshot);
+            follow_tls(&self.tls, &self.acme, &snapshot);
             self.current.store(Arc::new(snapshot));
             log::info!("config generation 1 loaded from {}", self.path.display());
         }
@@ -240,7 +244,8 @@ impl Control {
                 let snapshot = Snapshot::build(config, generation, &self.registry, shared).await;
                 self.cache.set_capacity(snapshot.cache.max_bytes);
                 follow_front(&self.front, &snapshot);
-                follow_tls(&self.tls, &snapshot);
+                follow_acme(&self.acme, &snapshot);
+                follow_tls(&self.tls, &self.acme, &snapshot);
                 self.current.store(Arc::new(snapshot));
                 // Probes follow the published snapshot: removed backends stop being checked.
                 self.current.load().commit_health(&self.registry);
@@ -282,15 +287,29 @@ fn follow_front(front: &crate::front::FrontSettings, s: &Snapshot) {
     );
 }
 
+/// The ACME certificates of a snapshot about to be published: attached to their running state
+/// (tasks started for new ones, stopped for removed ones).
+fn follow_acme(acme: &Arc<crate::acme::Acme>, s: &Snapshot) {
+    let redis = s.shared.as_ref().map(|sh| sh.store.clone());
+    acme.follow(s.acme.as_deref(), redis);
+}
+
 /// New handshakes take the new generation's certificates; the expiry gauges follow, and a
 /// certificate close to its end is logged.
-fn follow_tls(acceptors: &crate::tls::Acceptors, s: &Snapshot) {
+fn follow_tls(acceptors: &crate::tls::Acceptors, acme: &crate::acme::Acme, s: &Snapshot) {
     acceptors.follow(&s.tls);
     metrics::TLS_CERT_EXPIRY.reset();
     for c in &s.tls.certificates {
         metrics::TLS_CERT_EXPIRY
             .with_label_values(&[c.name.as_str()])
             .set(c.not_after);
+    }
+    for a in acme.statuses() {
+        if let Some(t) = a.not_after {
+            metrics::TLS_CERT_EXPIRY
+                .with_label_values(&[a.name.as_str()])
+                .set(t);
+        }
     }
     warn_expiring(s);
 }

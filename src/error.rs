@@ -71,6 +71,8 @@ impl TokenError {
 pub enum GatewayError {
     /// No route matches host, path and method.
     NoRoute,
+    /// An ACME HTTP-01 validation for a token no order of this gateway (or its fleet) has.
+    UnknownChallenge,
     /// Every backend of the route's upstream is unhealthy.
     NoHealthyBackend {
         retry_after: u32,
@@ -105,7 +107,7 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(self) -> u16 {
         match self {
-            Self::NoRoute => 404,
+            Self::NoRoute | Self::UnknownChallenge => 404,
             Self::NoHealthyBackend { .. } => 503,
             Self::BadGateway => 502,
             Self::UpstreamTimeout => 504,
@@ -127,6 +129,7 @@ impl GatewayError {
     pub fn code(self) -> &'static str {
         match self {
             Self::NoRoute => "not_found",
+            Self::UnknownChallenge => "unknown_acme_challenge",
             Self::NoHealthyBackend { .. } => "no_healthy_backend",
             Self::BadGateway => "bad_gateway",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -147,6 +150,7 @@ impl GatewayError {
     pub fn message(self) -> &'static str {
         match self {
             Self::NoRoute => "no route matches this request",
+            Self::UnknownChallenge => "no ACME validation is under way for this token",
             Self::NoHealthyBackend { .. } => "no healthy backend is available for this route",
             Self::BadGateway => "the upstream service could not be reached or failed",
             Self::UpstreamTimeout => "the upstream service did not answer in time",

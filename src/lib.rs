@@ -7,13 +7,15 @@
 //!    `metrics`, `error`;
 //! 2. concerns: `store` (Redis), `observe`, `access_log`, `otlp`, `upstream` (specs, selection, backends,
 //!    breakers, health probes), `shed`, `identity`, `limit`, `cache`, `route`, `admission`,
-//!    `tls` (certificates, SNI, listeners' TLS settings), `front` (the connection's front end);
+//!    `tls` (certificates, SNI, listeners' TLS settings), `acme` (certificates obtained
+//!    and renewed by ACME), `front` (the connection's front end);
 //! 3. `config`: the YAML file compiled into the concerns' types;
 //! 4. `state`: what survives reloads (backend states, budgets, shedders);
 //! 5. `snapshot`: one immutable generation of the running config (a `RouteRuntime` per route);
 //! 6. `proxy` (the request flow), `control` (load, reload, background work), `admin`.
 
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod admission;
 pub mod cache;

@@ -193,6 +193,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
             draining: control.draining.clone(),
             limiter: control.limiter.clone(),
             cache: control.cache.clone(),
+            acme: control.acme.clone(),
         },
         server.configuration.clone(),
     );

@@ -348,3 +348,39 @@ pub fn status_class(status: u16) -> &'static str {
         _ => "other",
     }
 }
+
+pub static ACME_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tollgate_acme_certificate_state",
+        "Each ACME certificate's state: 1 for the one it is in (pending, valid, renewing, failed)",
+        &["name", "state"]
+    )
+    .expect("static metric definition")
+});
+
+pub static ACME_ORDERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tollgate_acme_orders_total",
+        "ACME orders this node made, by certificate and result (issued, failed, rate_limited)",
+        &["name", "result"]
+    )
+    .expect("static metric definition")
+});
+
+pub static ACME_FAILURES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tollgate_acme_consecutive_failures",
+        "Failed ACME orders in a row per certificate (0 once one succeeds)",
+        &["name"]
+    )
+    .expect("static metric definition")
+});
+
+pub static ACME_NEXT_ATTEMPT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tollgate_acme_next_attempt_timestamp_seconds",
+        "When the next ACME order may start after a failure (Unix seconds; 0: not backing off)",
+        &["name"]
+    )
+    .expect("static metric definition")
+});

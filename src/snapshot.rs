@@ -50,6 +50,11 @@ pub struct Snapshot {
     pub unrouted_metrics: RouteMetrics,
     /// Certificates and TLS listeners of this generation.
     pub tls: Arc<crate::tls::TlsSpec>,
+    /// The ACME certificates of this generation (`None`: none).
+    pub acme: Option<Arc<crate::acme::Settings>>,
+    /// Some ACME certificate is validated by HTTP-01: only then do requests look at their path
+    /// for `/.well-known/acme-challenge/`.
+    pub acme_http01: bool,
     /// The span exporter for `server.otlp` (shared by snapshots while the block is unchanged).
     #[cfg(feature = "otlp")]
     pub otlp: Option<Arc<crate::otlp::Exporter>>,
@@ -154,6 +159,12 @@ impl Snapshot {
             cache: config.cache,
             unrouted_metrics: RouteMetrics::new(Arc::from("")),
             tls: config.tls,
+            acme_http01: config.acme.as_ref().is_some_and(|a| {
+                a.certs
+                    .iter()
+                    .any(|c| c.challenge == crate::acme::Challenge::Http01)
+            }),
+            acme: config.acme,
             #[cfg(feature = "otlp")]
             otlp: None,
         }

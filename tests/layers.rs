@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("route", 1),
     ("admission", 1),
     ("tls", 1),
+    ("acme", 1),
     ("front", 1),
     // The file compiled into the concerns' types.
     ("config", 2),

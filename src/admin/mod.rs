@@ -38,6 +38,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("POST", "/admin/reload"),
     ("GET", "/admin/cache"),
     ("GET", "/admin/certificates"),
+    ("POST", "/admin/certificates/{name}/renew"),
     ("DELETE", "/admin/cache"),
     ("GET", "/admin/keys"),
     ("POST", "/admin/keys"),
@@ -46,6 +47,13 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
 
 /// The template in [`ENDPOINTS`] that `path` matches, if any.
 fn template(path: &str) -> Option<&'static str> {
+    if let Some(name) = path
+        .strip_prefix("/admin/certificates/")
+        .and_then(|rest| rest.strip_suffix("/renew"))
+    {
+        return (!name.is_empty() && !name.contains('/'))
+            .then_some("/admin/certificates/{name}/renew");
+    }
     if let Some(id) = path.strip_prefix("/admin/keys/") {
         return (!id.is_empty() && !id.contains('/')).then_some("/admin/keys/{id}");
     }
@@ -166,6 +174,7 @@ impl Admin {
                     "not_after": c.not_after,
                     "expires_in_seconds": c.not_after - now,
                     "cert_file": c.cert_file.display().to_string(),
+                    "source": "file",
                 })
             })
             .collect();
@@ -181,6 +190,37 @@ impl Admin {
                 })
             })
             .collect();
+        let mut certs = certs;
+        let acme: Vec<_> = self.control.acme.statuses();
+        for a in &acme {
+            let placeholder = snap
+                .tls
+                .managed
+                .iter()
+                .find(|m| m.name == a.name)
+                .is_some_and(|m| !m.issued() && m.placeholder.is_some());
+            certs.push(json!({
+                "name": a.name,
+                "names": a.hosts,
+                "source": "acme",
+                "issuer": a.issuer,
+                "not_before": a.not_before,
+                "not_after": a.not_after,
+                "expires_in_seconds": a.not_after.map(|t| t - now),
+                "acme": {
+                    "state": a.state,
+                    "error": a.error,
+                    "directory": a.directory,
+                    "challenge": a.challenge,
+                    "serial": a.serial,
+                    "renew_at": a.renew_at,
+                    "consecutive_failures": a.consecutive_failures,
+                    "next_attempt": a.next_attempt,
+                    "orders": a.orders,
+                    "serving": if a.not_after.is_some() { "issued" } else if placeholder { "placeholder" } else { "none (handshakes refused)" },
+                },
+            }));
+        }
         json!({ "certificates": certs, "listeners": listeners })
     }
 }
@@ -379,6 +419,21 @@ impl ServeHttp for Admin {
             "/admin/upstreams" => json_response(200, self.upstreams()),
             "/admin/routes" => json_response(200, self.routes()),
             "/admin/certificates" => json_response(200, self.certificates()),
+            "/admin/certificates/{name}/renew" => {
+                let name = path
+                    .trim_start_matches("/admin/certificates/")
+                    .trim_end_matches("/renew");
+                if self.control.acme.renew_now(name) {
+                    log::info!("acme: renewal of {name} requested by the admin API");
+                    json_response(202, json!({ "name": name, "renewal": "started" }))
+                } else {
+                    error(
+                        404,
+                        "not_found",
+                        "no certificate obtained by ACME has this name",
+                    )
+                }
+            }
             "/admin/limits" => json_response(200, self.limits()),
             "/admin/stats" => json_response(200, stats::stats(&self.control)),
             "/admin/dashboard" => dashboard::response(),

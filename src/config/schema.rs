@@ -48,6 +48,115 @@ pub struct TlsSection {
     /// covers; absent: such handshakes are refused.
     #[serde(default)]
     pub default_certificate: Option<String>,
+    /// Settings shared by the certificates obtained by ACME (`certificates[].acme`).
+    #[serde(default)]
+    pub acme: AcmeSection,
+}
+
+/// `tls.acme`: where ACME accounts and certificates are kept, and the timings of orders.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSection {
+    /// `auto` (Redis when a `redis:` section exists, else disk), `disk` or `redis`.
+    #[serde(default)]
+    pub store: AcmeStoreKind,
+    /// The directory of the disk store (relative paths: from the config file's directory).
+    #[serde(default = "default_acme_dir")]
+    pub storage_dir: String,
+    /// Until a first certificate is issued: `placeholder` (a self-signed certificate) or
+    /// `refuse` (the handshake fails).
+    #[serde(default)]
+    pub until_issued: UntilIssued,
+    #[serde(default = "default_acme_check", deserialize_with = "duration")]
+    pub check_interval: Duration,
+    #[serde(default = "default_acme_retry_min", deserialize_with = "duration")]
+    pub retry_min: Duration,
+    #[serde(default = "default_acme_retry_max", deserialize_with = "duration")]
+    pub retry_max: Duration,
+    #[serde(default = "default_acme_lease", deserialize_with = "duration")]
+    pub lock_lease: Duration,
+    #[serde(default = "default_acme_order_timeout", deserialize_with = "duration")]
+    pub order_timeout: Duration,
+}
+
+impl Default for AcmeSection {
+    fn default() -> Self {
+        Self {
+            store: AcmeStoreKind::Auto,
+            storage_dir: default_acme_dir(),
+            until_issued: UntilIssued::Placeholder,
+            check_interval: default_acme_check(),
+            retry_min: default_acme_retry_min(),
+            retry_max: default_acme_retry_max(),
+            lock_lease: default_acme_lease(),
+            order_timeout: default_acme_order_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AcmeStoreKind {
+    #[default]
+    Auto,
+    Disk,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UntilIssued {
+    #[default]
+    Placeholder,
+    Refuse,
+}
+
+fn default_acme_dir() -> String {
+    "acme".into()
+}
+fn default_acme_check() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_acme_retry_min() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_acme_retry_max() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_acme_lease() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_acme_order_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// `tls.certificates[].acme`: obtain this certificate from an ACME CA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeCertSection {
+    /// The CA's directory URL; Let's Encrypt production when absent.
+    #[serde(default)]
+    pub directory: Option<String>,
+    /// The account's contact address (`ops@example.com`).
+    #[serde(default)]
+    pub email: Option<String>,
+    /// `http-01` (default) or `tls-alpn-01`.
+    #[serde(default)]
+    pub challenge: Option<String>,
+    /// External account binding, for CAs that require it.
+    #[serde(default)]
+    pub eab: Option<EabSection>,
+    /// A CA bundle the directory's HTTPS certificate must chain to (private CAs).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EabSection {
+    pub kid: String,
+    /// The MAC key as the CA gives it: base64url.
+    pub hmac_key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,9 +164,14 @@ pub struct TlsSection {
 pub struct CertificateSection {
     pub name: String,
     /// PEM chain, leaf first (relative paths: from the config file's directory).
-    pub cert_file: String,
+    #[serde(default)]
+    pub cert_file: Option<String>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: String,
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// Obtain the certificate for `hosts` from an ACME CA instead of files.
+    #[serde(default)]
+    pub acme: Option<AcmeCertSection>,
     /// Hosts this certificate must cover (checked at load and reload); its own names are
     /// what SNI selects on.
     #[serde(default)]

@@ -41,6 +41,8 @@ pub struct GatewayConfig {
     pub cache: crate::cache::Settings,
     /// Certificates and TLS listeners.
     pub tls: Arc<crate::tls::TlsSpec>,
+    /// The ACME settings and certificates (`None`: no certificate is obtained by ACME).
+    pub acme: Option<Arc<crate::acme::Settings>>,
 }
 
 /// A tier's policy (limits are enforced by the rate limiter).
@@ -129,7 +131,7 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
     let admin_token = compile_admin(&mut c, &file.admin);
     let limits = compile_limits(&mut c, &file);
     let cache = compile_cache(&mut c, &file);
-    let tls = tls::compile(&mut c, &file, base_dir);
+    let (tls, acme) = tls::compile(&mut c, &file, base_dir);
     let tier_algos: Vec<Option<Algo>> = tiers.iter().map(tier_algo).collect();
 
     let mut upstreams = Vec::with_capacity(file.upstreams.len());
@@ -183,6 +185,7 @@ pub(super) fn compile(file: FileConfig, base_dir: &Path) -> Result<GatewayConfig
             limits,
             cache,
             tls: Arc::new(tls),
+            acme: acme.map(Arc::new),
         })
     } else {
         Err(c.problems)

@@ -74,6 +74,8 @@ pub struct Gateway {
     /// True while handing over to a new process or shutting down (see `control`).
     pub draining: Arc<AtomicBool>,
     pub cache: Arc<ResponseCache>,
+    /// ACME challenge answers (HTTP-01).
+    pub acme: Arc<crate::acme::Acme>,
 }
 
 #[async_trait]
@@ -101,6 +103,18 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let mut verdict = admit::check_head(session, ctx);
+        // ACME HTTP-01 validations: answered before routing, never upstream, never limited.
+        if ctx.snapshot.acme_http01
+            && matches!(verdict, Ok(()) | Err(GatewayError::NoRoute))
+            && session
+                .req_header()
+                .uri
+                .path()
+                .starts_with(crate::acme::HTTP01_PREFIX)
+        {
+            Box::pin(respond::acme_http01(&self.acme, session, ctx)).await?;
+            return Ok(true);
+        }
         if !ctx.tls
             && matches!(verdict, Ok(()) | Err(GatewayError::NoRoute))
             && (ctx.snapshot.server.redirect_https

@@ -140,3 +140,42 @@ pub async fn redirect_https(session: &mut Session, ctx: &mut Ctx) -> Result<()> 
     session.set_keepalive(keepalive);
     session.write_response_header(Box::new(resp), true).await
 }
+
+/// An ACME HTTP-01 validation request (`/.well-known/acme-challenge/TOKEN`): the key
+/// authorization as `text/plain` when an order of this node (or, with Redis, of the fleet) has
+/// that token, else `404` with the JSON error.
+pub async fn acme_http01(
+    acme: &crate::acme::Acme,
+    session: &mut Session,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    let path = session.req_header().uri.path();
+    let token = path
+        .strip_prefix(crate::acme::HTTP01_PREFIX)
+        .unwrap_or_default()
+        .to_string();
+    let valid = !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let answer = if valid { acme.http01(&token).await } else { None };
+    let Some(body) = answer else {
+        return refuse(session, ctx, GatewayError::UnknownChallenge).await;
+    };
+    let mut resp = ResponseHeader::build(200, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    add_fields(&mut resp, ctx)?;
+    ctx.error = None;
+    let keepalive = session
+        .is_body_empty()
+        .then_some(ctx.snapshot.keepalive_secs);
+    session.set_keepalive(keepalive);
+    session
+        .write_response_header(Box::new(resp), false)
+        .await?;
+    session
+        .write_response_body(Some(bytes::Bytes::from(body)), true)
+        .await
+}

@@ -26,7 +26,10 @@ use rustls::{ServerConfig, SignatureAlgorithm};
 use pingora_core::protocols::tls::CaType;
 use pingora_core::utils::tls::{parse_x509, CertKey, WrappedX509};
 
+mod managed;
 mod names;
+
+pub use managed::{Live, ManagedCert, ACME_TLS_ALPN};
 
 pub use names::{covers, normalize_name};
 
@@ -45,6 +48,8 @@ pub struct Certificate {
     pub names: Vec<String>,
     pub subject: String,
     pub issuer: String,
+    /// The serial number, hex with colons.
+    pub serial: String,
     /// Unix seconds.
     pub not_before: i64,
     /// Unix seconds.
@@ -77,22 +82,65 @@ pub fn load_certificate(
     key_file: &Path,
     now: i64,
 ) -> Result<Certificate, (&'static str, String)> {
+    let cert_pem = read(cert_file, "certificate").map_err(|m| ("cert_file", m))?;
+    let key_pem = read(key_file, "key").map_err(|m| ("key_file", m))?;
+    let cert = certificate_from_pem(
+        name,
+        (&cert_pem, &cert_file.display().to_string()),
+        (&key_pem, &key_file.display().to_string()),
+    )?;
+    check_validity(&cert, now).map_err(|m| ("cert_file", m))?;
+    Ok(Certificate {
+        cert_file: cert_file.to_path_buf(),
+        ..cert
+    })
+}
+
+/// Is `cert` valid at `now` (Unix seconds)? The error says why not.
+pub fn check_validity(cert: &Certificate, now: i64) -> Result<(), String> {
+    let when = |t: i64| {
+        x509_parser::time::ASN1Time::from_timestamp(t).map_or_else(|_| t.to_string(), |a| a.to_string())
+    };
+    if cert.not_after <= now {
+        return Err(format!(
+            "{}: the certificate expired at {} (not after)",
+            cert.cert_file.display(),
+            when(cert.not_after)
+        ));
+    }
+    if cert.not_before > now {
+        return Err(format!(
+            "{}: the certificate is not valid before {}",
+            cert.cert_file.display(),
+            when(cert.not_before)
+        ));
+    }
+    Ok(())
+}
+
+/// A certificate from PEM text: the chain (leaf first) and its private key, each given with
+/// the label errors name it by (a file path, or what it is). Checks that both parse and that
+/// the key matches, not the dates (see [`check_validity`]). The error names the field at fault
+/// (`cert_file` or `key_file`).
+pub fn certificate_from_pem(
+    name: &str,
+    (cert_pem, cert_label): (&[u8], &str),
+    (key_pem, key_label): (&[u8], &str),
+) -> Result<Certificate, (&'static str, String)> {
     let cert_err = |m: String| ("cert_file", m);
     let key_err = |m: String| ("key_file", m);
-    let (chain, parsed_leaf) = read_chain(cert_file).map_err(cert_err)?;
+    let (chain, parsed_leaf) = parse_chain(cert_pem, cert_label).map_err(cert_err)?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&parsed_leaf)
-        .map_err(|e| cert_err(format!("{}: {e}", cert_file.display())))?;
-    let key_pem = read(key_file, "key").map_err(key_err)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        .map_err(|e| cert_err(format!("{cert_label}: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
         key_err(format!(
-            "{}: no private key (PKCS#8, PKCS#1 or SEC1 PEM) found: {e:?}",
-            key_file.display()
+            "{key_label}: no private key (PKCS#8, PKCS#1 or SEC1 PEM) found: {e:?}"
         ))
     })?;
     let signing = provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| key_err(format!("{}: unusable private key: {e}", key_file.display())))?;
+        .map_err(|e| key_err(format!("{key_label}: unusable private key: {e}")))?;
     let key_type = match signing.algorithm() {
         SignatureAlgorithm::RSA => "RSA",
         SignatureAlgorithm::ECDSA => "ECDSA",
@@ -104,31 +152,11 @@ pub fn load_certificate(
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
         Err(_) => {
             return Err(key_err(format!(
-                "the key in {} does not match the certificate in {}",
-                key_file.display(),
-                cert_file.display()
+                "the key in {key_label} does not match the certificate in {cert_label}"
             )))
         }
     }
     let validity = parsed.validity();
-    let (not_before, not_after) = (
-        validity.not_before.timestamp(),
-        validity.not_after.timestamp(),
-    );
-    if not_after <= now {
-        return Err(cert_err(format!(
-            "{}: the certificate expired at {} (not after)",
-            cert_file.display(),
-            validity.not_after
-        )));
-    }
-    if not_before > now {
-        return Err(cert_err(format!(
-            "{}: the certificate is not valid before {}",
-            cert_file.display(),
-            validity.not_before
-        )));
-    }
     let mut names: Vec<String> = Vec::new();
     if let Ok(Some(san)) = parsed.subject_alternative_name() {
         for n in &san.value.general_names {
@@ -149,12 +177,13 @@ pub fn load_certificate(
     }
     Ok(Certificate {
         name: name.to_string(),
-        cert_file: cert_file.to_path_buf(),
+        cert_file: PathBuf::from(cert_label),
         names,
         subject: parsed.subject().to_string(),
         issuer: parsed.issuer().to_string(),
-        not_before,
-        not_after,
+        serial: parsed.raw_serial_as_string(),
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
         key_type,
         key: Arc::new(certified),
     })
@@ -163,20 +192,23 @@ pub fn load_certificate(
 /// A PEM chain (leaf first) and a copy of its leaf's DER, checked to be X.509.
 fn read_chain(path: &Path) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), String> {
     let pem = read(path, "certificate")?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+    parse_chain(&pem, &path.display().to_string())
+}
+
+/// The same, from PEM text; `label` names it in errors.
+fn parse_chain(pem: &[u8], label: &str) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e:?}", path.display()))?;
+        .map_err(|e| format!("{label}: not a PEM certificate file: {e:?}"))?;
     let Some(leaf) = chain.first() else {
         return Err(format!(
-            "{}: no certificate (no `-----BEGIN CERTIFICATE-----` block)",
-            path.display()
+            "{label}: no certificate (no `-----BEGIN CERTIFICATE-----` block)"
         ));
     };
     for (i, c) in chain.iter().enumerate() {
         if let Err(e) = x509_parser::parse_x509_certificate(c.as_ref()) {
             return Err(format!(
-                "{}: certificate {} is not valid X.509: {e}",
-                path.display(),
+                "{label}: certificate {} is not valid X.509: {e}",
                 i + 1
             ));
         }
@@ -229,6 +261,10 @@ pub struct CertTable {
     wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
     /// For clients without SNI, and names no certificate covers; `None`: refuse the handshake.
     default: Option<Vec<Arc<CertifiedKey>>>,
+    /// ACME certificates by exact host (empty without ACME: the handshake never looks).
+    managed: HashMap<String, Arc<ManagedCert>>,
+    /// The default when it is an ACME certificate.
+    default_managed: Option<Arc<ManagedCert>>,
 }
 
 impl CertTable {
@@ -269,6 +305,51 @@ impl CertTable {
         table
     }
 
+    /// Add the ACME certificates of the generation; `default`: the index of the default
+    /// certificate among them.
+    pub fn with_managed(mut self, managed: &[Arc<ManagedCert>], default: Option<usize>) -> Self {
+        for m in managed {
+            for h in &m.hosts {
+                self.managed.insert(h.clone(), m.clone());
+            }
+        }
+        self.default_managed = default.and_then(|i| managed.get(i)).cloned();
+        self
+    }
+
+    /// The handshake of a certificate table with ACME certificates: a TLS-ALPN-01 validation
+    /// gets the challenge certificate of its host (and nothing else); then exact names (files
+    /// first, then ACME), wildcards, the default.
+    fn resolve_managed(&self, hello: &ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(normalize_name);
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if validation {
+            let name = name?;
+            return self.managed.get(&name)?.alpn_challenge(&name);
+        }
+        if let Some(n) = &name {
+            if let Some(keys) = self.exact.get(n) {
+                return pick(keys, hello);
+            }
+            if let Some(m) = self.managed.get(n) {
+                return m.current();
+            }
+            if let Some(keys) = n
+                .split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+            {
+                return pick(keys, hello);
+            }
+        }
+        match (&self.default_managed, &self.default) {
+            (Some(m), _) => m.current(),
+            (None, Some(keys)) => pick(keys, hello),
+            (None, None) => None,
+        }
+    }
+
     /// The candidates for `server_name` (as the client sent it), most specific first.
     pub fn lookup(&self, server_name: Option<&str>) -> Option<&[Arc<CertifiedKey>]> {
         let found = server_name.and_then(|n| {
@@ -284,15 +365,23 @@ impl CertTable {
 
 impl ResolvesServerCert for CertTable {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let candidates = self.lookup(hello.server_name())?;
-        match candidates {
-            [only] => Some(only.clone()),
-            _ => candidates
-                .iter()
-                .find(|k| k.key.choose_scheme(hello.signature_schemes()).is_some())
-                .or(candidates.first())
-                .cloned(),
+        if !self.managed.is_empty() {
+            return self.resolve_managed(&hello);
         }
+        pick(self.lookup(hello.server_name())?, &hello)
+    }
+}
+
+/// The first candidate the client can verify (the first one when none fits: the handshake
+/// then fails with the client's own reason).
+fn pick(candidates: &[Arc<CertifiedKey>], hello: &ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    match candidates {
+        [only] => Some(only.clone()),
+        _ => candidates
+            .iter()
+            .find(|k| k.key.choose_scheme(hello.signature_schemes()).is_some())
+            .or(candidates.first())
+            .cloned(),
     }
 }
 
@@ -436,6 +525,8 @@ pub fn load_client_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, Stri
 #[derive(Debug, Clone, Default)]
 pub struct TlsSpec {
     pub certificates: Vec<Arc<Certificate>>,
+    /// The ACME certificates, attached to their run-time state before the generation serves.
+    pub managed: Vec<Arc<ManagedCert>>,
     pub listeners: Vec<ListenerSpec>,
 }
 
@@ -463,6 +554,7 @@ pub fn server_config(
     min_version: MinVersion,
     http2: bool,
     client_auth: Option<&ClientAuth>,
+    acme_alpn: bool,
 ) -> Result<Arc<ServerConfig>, String> {
     let versions: &[&'static rustls::SupportedProtocolVersion] = match min_version {
         MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -495,6 +587,10 @@ pub fn server_config(
     } else {
         vec![b"http/1.1".to_vec()]
     };
+    if acme_alpn {
+        // Only TLS-ALPN-01 validators offer it; the resolver answers them with the challenge.
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     let (store, tickets) = resumption();
     config.session_storage = store;
     if let Some(t) = tickets {

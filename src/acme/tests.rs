@@ -1,0 +1,49 @@
+use std::time::Duration;
+
+use super::task::{backoff, renew_at};
+
+#[test]
+fn renewal_starts_with_a_third_of_the_lifetime_left() {
+    // 90 days from t=0: renew after 60 days.
+    assert_eq!(renew_at(0, 90 * 86_400), 60 * 86_400);
+    // A 30-second certificate: after 20 s.
+    assert_eq!(renew_at(1_000, 1_030), 1_020);
+    // Nonsense validity (not_after before not_before): due at not_after.
+    assert_eq!(renew_at(100, 50), 50);
+}
+
+#[test]
+fn backoff_doubles_from_the_minimum_to_the_maximum() {
+    let (min, max) = (Duration::from_secs(60), Duration::from_secs(3600));
+    assert_eq!(backoff(1, min, max), Duration::from_secs(60));
+    assert_eq!(backoff(2, min, max), Duration::from_secs(120));
+    assert_eq!(backoff(3, min, max), Duration::from_secs(240));
+    assert_eq!(backoff(7, min, max), Duration::from_secs(3600));
+    assert_eq!(backoff(u32::MAX, min, max), Duration::from_secs(3600));
+}
+
+#[test]
+fn the_alpn_challenge_certificate_carries_the_digest_in_a_critical_extension() {
+    let digest = [7u8; 32];
+    let (_, pem, _) = super::alpn_challenge("a.example", &digest).expect("challenge cert");
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes());
+    use rustls::pki_types::pem::PemObject;
+    let der = der.expect("pem");
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+        .expect("acmeIdentifier extension");
+    assert!(ext.critical);
+    // DER OCTET STRING of 32 bytes: 04 20 + digest.
+    assert_eq!(&ext.value[..2], &[0x04, 0x20]);
+    assert_eq!(&ext.value[2..], &digest);
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|s| s.value.general_names.iter().map(|n| n.to_string()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, vec!["DNSName(a.example)".to_string()]);
+}
