@@ -208,6 +208,7 @@ struct Running {
     status: Arc<Mutex<Status>>,
     wake: Arc<Notify>,
     force: Arc<std::sync::atomic::AtomicBool>,
+    bypass: Arc<std::sync::atomic::AtomicBool>,
     _stop: watch::Sender<bool>,
 }
 
@@ -243,9 +244,7 @@ impl Acme {
             if !keep {
                 let storage = match (&settings.store, &redis) {
                     (StoreKind::Disk(dir), _) => Some(storage::Storage::Disk(dir.clone())),
-                    (StoreKind::Redis, Some(store)) => {
-                        Some(storage::Storage::Redis(store.clone()))
-                    }
+                    (StoreKind::Redis, Some(store)) => Some(storage::Storage::Redis(store.clone())),
                     (StoreKind::Redis, None) => None,
                 };
                 // What served before keeps serving while the new task starts.
@@ -275,6 +274,7 @@ impl Acme {
         let status = Arc::new(Mutex::new(Status::new(spec)));
         let wake = Arc::new(Notify::new());
         let force = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bypass = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop, stopped) = watch::channel(false);
         task::publish_state(&spec.name, State::Pending);
         match storage {
@@ -294,6 +294,7 @@ impl Acme {
                     status: status.clone(),
                     wake: wake.clone(),
                     force: force.clone(),
+                    bypass: bypass.clone(),
                     storage,
                     acme: Arc::downgrade(self),
                     holder: task::holder_id(),
@@ -303,7 +304,10 @@ impl Acme {
             None => {
                 let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
                 s.state = State::Failed;
-                s.error = Some("tls.acme.store is redis, but the Redis store is unavailable (see the log)".into());
+                s.error = Some(
+                    "tls.acme.store is redis, but the Redis store is unavailable (see the log)"
+                        .into(),
+                );
                 task::publish_state(&spec.name, State::Failed);
             }
         }
@@ -314,6 +318,7 @@ impl Acme {
             status,
             wake,
             force,
+            bypass,
             _stop: stop,
         }
     }
@@ -407,13 +412,17 @@ impl Acme {
             return false;
         };
         r.force.store(true, std::sync::atomic::Ordering::Relaxed);
+        r.bypass.store(true, std::sync::atomic::Ordering::Relaxed);
         r.wake.notify_one();
         true
     }
 }
 
 /// A key pair turned into what rustls serves.
-fn certified(chain: Vec<CertificateDer<'static>>, key_pkcs8: Vec<u8>) -> Result<Arc<CertifiedKey>, String> {
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key_pkcs8: Vec<u8>,
+) -> Result<Arc<CertifiedKey>, String> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8));
     let signing = crate::tls::provider()
         .key_provider
@@ -429,7 +438,10 @@ pub fn placeholder(hosts: &[String]) -> Result<Arc<CertifiedKey>, String> {
 
 /// The TLS-ALPN-01 challenge certificate for `host` (RFC 8737 §3): self-signed, the host as
 /// its only name, the SHA-256 of the key authorization in a critical acmeIdentifier extension.
-pub fn alpn_challenge(host: &str, digest: &[u8]) -> Result<(Arc<CertifiedKey>, String, String), String> {
+pub fn alpn_challenge(
+    host: &str,
+    digest: &[u8],
+) -> Result<(Arc<CertifiedKey>, String, String), String> {
     let (key, cert_pem, key_pem) = self_signed_pem(&[host.to_string()], Some(digest))?;
     Ok((key, cert_pem, key_pem))
 }
@@ -462,13 +474,20 @@ fn self_signed_pem(
     Ok((certified, cert.pem(), key.serialize_pem()))
 }
 
-/// A challenge certificate from the PEM another node stored.
+/// A challenge certificate from the PEM another node stored. Not through
+/// `tls::certificate_from_pem`: its critical acmeIdentifier extension is one webpki refuses
+/// to parse (only the validator reads it).
 fn certified_from_pem(cert_pem: &str, key_pem: &str) -> Option<Arc<CertifiedKey>> {
-    crate::tls::certificate_from_pem(
-        "challenge",
-        (cert_pem.as_bytes(), "challenge"),
-        (key_pem.as_bytes(), "challenge"),
-    )
-    .ok()
-    .map(|c| c.key)
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).ok()?;
+    match certified(chain, key.secret_pkcs8_der().to_vec()) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            log::warn!("acme: a TLS-ALPN-01 challenge from the fleet is unusable: {e}");
+            None
+        }
+    }
 }

@@ -121,8 +121,10 @@ impl Storage {
                     })
                     .await
                     .map_err(redis_err("GET"))?;
-                text.map(|t| serde_json::from_str(&t).map_err(|e| format!("stored certificate: {e}")))
-                    .transpose()
+                text.map(|t| {
+                    serde_json::from_str(&t).map_err(|e| format!("stored certificate: {e}"))
+                })
+                .transpose()
             }
         }
     }
@@ -191,7 +193,11 @@ impl Storage {
                 let key = format!("{PREFIX}:account:{{{id}}}");
                 store
                     .call("acme_account", |mut c| async move {
-                        redis::cmd("SET").arg(&key).arg(&json).query_async(&mut c).await
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(&json)
+                            .query_async(&mut c)
+                            .await
                     })
                     .await
                     .map_err(redis_err("SET"))
@@ -255,7 +261,12 @@ impl Storage {
         let ms = lease.as_millis().max(1) as u64;
         let n: i64 = store
             .call("acme_lock", |mut c| async move {
-                SCRIPT.key(&key).arg(&holder).arg(ms).invoke_async(&mut c).await
+                SCRIPT
+                    .key(&key)
+                    .arg(&holder)
+                    .arg(ms)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await
             .map_err(redis_err("PEXPIRE"))?;
@@ -287,7 +298,11 @@ impl Storage {
     }
 
     /// Make an HTTP-01 answer visible to the fleet (a no-op on disk: this node answers).
-    pub async fn put_http01(&self, token: &str, key_authorization: Option<&str>) -> Result<(), String> {
+    pub async fn put_http01(
+        &self,
+        token: &str,
+        key_authorization: Option<&str>,
+    ) -> Result<(), String> {
         let Self::Redis(store) = self else {
             return Ok(());
         };
@@ -339,7 +354,12 @@ impl Storage {
             .call("acme_challenge", |mut c| async move {
                 let mut pipe = redis::pipe();
                 match value {
-                    Some(v) => pipe.cmd("SET").arg(&key).arg(v).arg("EX").arg(CHALLENGE_TTL_SECS),
+                    Some(v) => pipe
+                        .cmd("SET")
+                        .arg(&key)
+                        .arg(v)
+                        .arg("EX")
+                        .arg(CHALLENGE_TTL_SECS),
                     None => pipe.cmd("DEL").arg(&key),
                 };
                 pipe.ignore()
@@ -354,7 +374,7 @@ impl Storage {
 }
 
 /// Split the PEM of a stored TLS-ALPN-01 challenge into certificate and key.
-fn split_pem(text: &str) -> Option<(&str, &str)> {
+pub(super) fn split_pem(text: &str) -> Option<(&str, &str)> {
     let at = text.find("-----BEGIN PRIVATE KEY-----")?;
     Some(text.split_at(at))
 }

@@ -31,6 +31,8 @@ pub(super) struct Task {
     pub status: Arc<Mutex<Status>>,
     pub wake: Arc<Notify>,
     pub force: Arc<AtomicBool>,
+    /// Set with `force` by the admin API: the next attempt ignores the backoff (once).
+    pub bypass: Arc<AtomicBool>,
     pub storage: Storage,
     pub acme: Weak<Acme>,
     /// This node's id in the order lock.
@@ -164,6 +166,7 @@ impl Task {
         let mut account: Option<Account> = None;
         let mut failures: u32 = 0;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut waiting = false;
         let lease_poll = (self.settings.lock_lease / 4)
             .clamp(Duration::from_millis(250), Duration::from_secs(5));
         loop {
@@ -196,16 +199,22 @@ impl Task {
                 let until = renew.map_or(self.settings.check_interval, |r| {
                     Duration::from_secs((r - now).max(1) as u64)
                 });
-                if !self.pause(until.min(self.settings.check_interval), &mut stop).await {
+                if !self
+                    .pause(until.min(self.settings.check_interval), &mut stop)
+                    .await
+                {
                     return;
                 }
                 continue;
             }
-            if !forced {
+            if !self.bypass.load(Ordering::Relaxed) {
                 if let Some(at) = retry_at {
                     let left = at.saturating_duration_since(tokio::time::Instant::now());
                     if !left.is_zero() {
-                        if !self.pause(left.min(self.settings.check_interval), &mut stop).await {
+                        if !self
+                            .pause(left.min(self.settings.check_interval), &mut stop)
+                            .await
+                        {
                             return;
                         }
                         continue;
@@ -218,9 +227,15 @@ impl Task {
                 .lock(&self.spec.name, &self.holder, self.settings.lock_lease)
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => waiting = false,
                 Ok(false) => {
-                    log::debug!("acme: {}: another node is ordering", self.spec.name);
+                    if !waiting {
+                        waiting = true;
+                        log::info!(
+                            "acme: {}: another node holds the order lock; waiting for its certificate or for the lock",
+                            self.spec.name
+                        );
+                    }
                     if !self.pause(lease_poll, &mut stop).await {
                         return;
                     }
@@ -228,7 +243,10 @@ impl Task {
                 }
                 Err(e) => {
                     log::warn!("acme: {}: cannot take the order lock: {e}", self.spec.name);
-                    if !self.pause(lease_poll.max(Duration::from_secs(1)), &mut stop).await {
+                    if !self
+                        .pause(lease_poll.max(Duration::from_secs(1)), &mut stop)
+                        .await
+                    {
                         return;
                     }
                     continue;
@@ -238,7 +256,11 @@ impl Task {
             if !forced {
                 if let Ok(Some(stored)) = self.storage.load_cert(&self.spec.name).await {
                     if stored.matches(&self.spec) && install(&self.live, &self.status, &stored) {
-                        let s = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let s = self
+                            .status
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
                         if s.renew_at.is_some_and(|r| unix_now() < r) {
                             self.storage.unlock(&self.spec.name, &self.holder).await;
                             continue;
@@ -246,7 +268,7 @@ impl Task {
                     }
                 }
             }
-            self.force.store(false, Ordering::Relaxed);
+            self.bypass.store(false, Ordering::Relaxed);
             self.set(|s| {
                 s.state = if s.not_after.is_some_and(|t| t > unix_now()) {
                     State::Renewing
@@ -262,10 +284,8 @@ impl Task {
                 self.spec.directory
             );
             let outcome = {
-                let order = tokio::time::timeout(
-                    self.settings.order_timeout,
-                    self.order(&mut account),
-                );
+                let order =
+                    tokio::time::timeout(self.settings.order_timeout, self.order(&mut account));
                 let keep_lease = async {
                     loop {
                         tokio::time::sleep(self.settings.lock_lease / 3).await;
@@ -309,6 +329,7 @@ impl Task {
                         .with_label_values(&[self.spec.name.as_str(), "issued"])
                         .inc();
                     install(&self.live, &self.status, &stored);
+                    self.force.store(false, Ordering::Relaxed);
                     failures = 0;
                     retry_at = None;
                     self.set(|s| {
@@ -368,7 +389,11 @@ impl Task {
             None => Account::builder(),
         };
         let id = account_id(&self.spec);
-        let stored = self.storage.load_account(&id).await.map_err(Failure::Other)?;
+        let stored = self
+            .storage
+            .load_account(&id)
+            .await
+            .map_err(Failure::Other)?;
         if let Some(json) = stored {
             if let Ok(credentials) = serde_json::from_str::<AccountCredentials>(&json) {
                 let account = builder()
@@ -401,8 +426,15 @@ impl Task {
             .map_err(|e| acme_failure("registering the account", e))?;
         let json = serde_json::to_string(&credentials)
             .map_err(|e| Failure::Other(format!("account credentials: {e}")))?;
-        self.storage.save_account(&id, json).await.map_err(Failure::Other)?;
-        log::info!("acme: registered account {} at {}", account.id(), self.spec.directory);
+        self.storage
+            .save_account(&id, json)
+            .await
+            .map_err(Failure::Other)?;
+        log::info!(
+            "acme: registered account {} at {}",
+            account.id(),
+            self.spec.directory
+        );
         *cached = Some(account.clone());
         Ok(account)
     }
@@ -495,9 +527,7 @@ impl Task {
             .map_err(|e| acme_failure("waiting for validation", e))?;
         if status != OrderStatus::Ready {
             let detail = order_error(order).await;
-            return Err(Failure::Other(format!(
-                "the order is {status:?}: {detail}"
-            )));
+            return Err(Failure::Other(format!("the order is {status:?}: {detail}")));
         }
         let key_pem = order
             .finalize()

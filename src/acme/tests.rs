@@ -43,7 +43,21 @@ fn the_alpn_challenge_certificate_carries_the_digest_in_a_critical_extension() {
         .subject_alternative_name()
         .ok()
         .flatten()
-        .map(|s| s.value.general_names.iter().map(|n| n.to_string()).collect())
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        })
         .unwrap_or_default();
     assert_eq!(names, vec!["DNSName(a.example)".to_string()]);
+}
+
+#[test]
+fn a_challenge_stored_for_the_fleet_reads_back() {
+    let (_, cert_pem, key_pem) = super::alpn_challenge("a.example", &[1u8; 32]).expect("cert");
+    let stored = format!("{cert_pem}\n{key_pem}");
+    let (c, k) = super::storage::split_pem(&stored).expect("split");
+    assert!(super::certified_from_pem(c, k).is_some());
 }

@@ -158,7 +158,11 @@ pub async fn acme_http01(
         && token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    let answer = if valid { acme.http01(&token).await } else { None };
+    let answer = if valid {
+        acme.http01(&token).await
+    } else {
+        None
+    };
     let Some(body) = answer else {
         return refuse(session, ctx, GatewayError::UnknownChallenge).await;
     };
@@ -172,9 +176,7 @@ pub async fn acme_http01(
         .is_body_empty()
         .then_some(ctx.snapshot.keepalive_secs);
     session.set_keepalive(keepalive);
-    session
-        .write_response_header(Box::new(resp), false)
-        .await?;
+    session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(bytes::Bytes::from(body)), true)
         .await

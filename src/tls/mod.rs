@@ -99,7 +99,8 @@ pub fn load_certificate(
 /// Is `cert` valid at `now` (Unix seconds)? The error says why not.
 pub fn check_validity(cert: &Certificate, now: i64) -> Result<(), String> {
     let when = |t: i64| {
-        x509_parser::time::ASN1Time::from_timestamp(t).map_or_else(|_| t.to_string(), |a| a.to_string())
+        x509_parser::time::ASN1Time::from_timestamp(t)
+            .map_or_else(|_| t.to_string(), |a| a.to_string())
     };
     if cert.not_after <= now {
         return Err(format!(
@@ -150,11 +151,12 @@ pub fn certificate_from_pem(
     let certified = CertifiedKey::new(chain.clone(), signing);
     match certified.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-        Err(_) => {
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
             return Err(key_err(format!(
                 "the key in {key_label} does not match the certificate in {cert_label}"
             )))
         }
+        Err(e) => return Err(cert_err(format!("{cert_label}: {e}"))),
     }
     let validity = parsed.validity();
     let mut names: Vec<String> = Vec::new();

@@ -115,7 +115,7 @@ fn the_table_prefers_exact_names_then_wildcards_then_the_default() {
     let strict = CertTable::new(&certs, None);
     assert!(strict.lookup(None).is_none());
     assert!(strict.lookup(Some("other.test")).is_none());
-    assert!(server_config(Arc::new(strict), MinVersion::Tls13, true, None).is_ok());
+    assert!(server_config(Arc::new(strict), MinVersion::Tls13, true, None, false).is_ok());
 }
 
 #[test]

@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
+use crate::acme;
 use crate::config::check::{socket_addr, Check};
 use crate::config::schema::{self, FileConfig};
-use crate::acme;
 use crate::tls::{self, CertTable, Certificate, ListenerSpec, ManagedCert, MinVersion, TlsSpec};
-use std::time::Duration;
 use crate::upstream::UpstreamTls;
+use std::time::Duration;
 
 /// `server.listen_tls` addresses (checked against the plain ones by the caller).
 pub(super) fn listen_addrs(c: &mut Check, s: &schema::ServerSection) -> Vec<SocketAddr> {
@@ -66,7 +66,11 @@ pub(super) fn compile(
             continue;
         }
         let (Some(cert), Some(key)) = (&s.cert_file, &s.key_file) else {
-            let missing = if s.cert_file.is_none() { "cert_file" } else { "key_file" };
+            let missing = if s.cert_file.is_none() {
+                "cert_file"
+            } else {
+                "key_file"
+            };
             c.err(
                 format!("{at}.{missing}"),
                 "required (or give `acme:` to obtain the certificate from a CA)",
@@ -96,7 +100,10 @@ pub(super) fn compile(
     // A host is either served from files or by ACME: never both (which one would serve?).
     for spec in &acme_certs {
         for host in &spec.hosts {
-            if let Some(other) = certificates.iter().find(|x| x.names.iter().any(|n| n == host)) {
+            if let Some(other) = certificates
+                .iter()
+                .find(|x| x.names.iter().any(|n| n == host))
+            {
                 c.err(
                     format!("tls.certificates[{}].hosts", cert_index(file, &spec.name)),
                     format!(
@@ -122,9 +129,8 @@ pub(super) fn compile(
         found
     });
     let default_managed = default_name.and_then(|d| managed.iter().position(|m| m.name == *d));
-    let table = Arc::new(
-        CertTable::new(&certificates, default).with_managed(&managed, default_managed),
-    );
+    let table =
+        Arc::new(CertTable::new(&certificates, default).with_managed(&managed, default_managed));
     let acme_alpn = acme_certs
         .iter()
         .any(|s| s.challenge == acme::Challenge::TlsAlpn01);
@@ -219,14 +225,21 @@ fn acme_settings(
         }
     };
     for (field, d, min) in [
-        ("check_interval", a.check_interval, Duration::from_millis(100)),
+        (
+            "check_interval",
+            a.check_interval,
+            Duration::from_millis(100),
+        ),
         ("retry_min", a.retry_min, Duration::from_millis(100)),
         ("retry_max", a.retry_max, Duration::from_millis(100)),
         ("lock_lease", a.lock_lease, Duration::from_secs(1)),
         ("order_timeout", a.order_timeout, Duration::from_secs(1)),
     ] {
         if d < min {
-            c.err(format!("tls.acme.{field}"), format!("must be at least {min:?}"));
+            c.err(
+                format!("tls.acme.{field}"),
+                format!("must be at least {min:?}"),
+            );
         }
     }
     if a.retry_max < a.retry_min {
@@ -269,9 +282,11 @@ fn acme_cert(
             );
         } else if host.parse::<std::net::IpAddr>().is_ok()
             || host.is_empty()
-            || !host
-                .split('.')
-                .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            || !host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
         {
             c.err(
                 format!("{at}.hosts[{j}]"),
@@ -354,15 +369,16 @@ fn acme_cert(
     }
     let placeholder = match file.tls.acme.until_issued {
         schema::UntilIssued::Refuse => None,
-        schema::UntilIssued::Placeholder if !hosts.is_empty() => {
-            match acme::placeholder(&hosts) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    c.err(format!("{at}.acme"), format!("placeholder certificate: {e}"));
-                    None
-                }
+        schema::UntilIssued::Placeholder if !hosts.is_empty() => match acme::placeholder(&hosts) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                c.err(
+                    format!("{at}.acme"),
+                    format!("placeholder certificate: {e}"),
+                );
+                None
             }
-        }
+        },
         schema::UntilIssued::Placeholder => None,
     };
     if c.problems.len() > before {
