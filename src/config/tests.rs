@@ -232,3 +232,113 @@ fn the_access_log_flush_interval_is_bounded_and_located() {
         std::time::Duration::from_millis(50)
     );
 }
+
+fn with_acme(cert: &str, acme: &str) -> String {
+    format!("{GOOD}tls:\n  acme: {{ {acme} }}\n  certificates:\n    - {cert}\n")
+}
+
+#[test]
+fn an_acme_certificate_loads_with_its_defaults() {
+    let text = with_acme(
+        "{ name: site, hosts: [Example.COM, www.example.com], acme: { email: ops@example.com } }",
+        "",
+    );
+    let c = load_str(Path::new("/etc/tollgate/t.yaml"), &text).expect("valid");
+    let a = c.acme.as_ref().expect("acme settings");
+    assert_eq!(
+        a.store,
+        crate::acme::StoreKind::Disk("/etc/tollgate/acme".into())
+    );
+    assert_eq!(a.retry_min, std::time::Duration::from_secs(60));
+    let cert = &a.certs[0];
+    assert_eq!(cert.directory, crate::acme::LETS_ENCRYPT);
+    assert_eq!(cert.hosts, ["example.com", "www.example.com"]);
+    assert_eq!(cert.contact, ["mailto:ops@example.com"]);
+    assert_eq!(cert.challenge, crate::acme::Challenge::Http01);
+    assert!(cert.slot.placeholder.is_some());
+    assert_eq!(c.tls.managed.len(), 1);
+    // With a `redis:` section the fleet's store is Redis.
+    let text = format!("redis: {{ url: \"redis://127.0.0.1:1\" }}\n{text}");
+    let c = load_str(Path::new("t.yaml"), &text).expect("valid");
+    assert_eq!(c.acme.expect("acme").store, crate::acme::StoreKind::Redis);
+}
+
+#[test]
+fn acme_mistakes_are_named_by_field() {
+    let cases = [
+        (
+            "{ name: s, cert_file: a.pem, key_file: a.key, hosts: [a.example], acme: {} }",
+            "",
+            "tls.certificates[0].acme",
+            "not both",
+        ),
+        (
+            "{ name: s, hosts: [\"*.example.com\"], acme: {} }",
+            "",
+            "tls.certificates[0].hosts[0]",
+            "DNS-01",
+        ),
+        (
+            "{ name: s, hosts: [], acme: {} }",
+            "",
+            "tls.certificates[0].hosts",
+            "needs the hosts",
+        ),
+        (
+            "{ name: s, hosts: [a.example], acme: { challenge: dns-01 } }",
+            "",
+            "tls.certificates[0].acme.challenge",
+            "http-01 or tls-alpn-01",
+        ),
+        (
+            "{ name: s, hosts: [a.example], acme: { challenge: tls-alpn-01 } }",
+            "",
+            "tls.certificates[0].acme.challenge",
+            "server.listen_tls",
+        ),
+        (
+            "{ name: s, hosts: [a.example], acme: { directory: \"http://ca.example/dir\" } }",
+            "",
+            "tls.certificates[0].acme.directory",
+            "https URL",
+        ),
+        (
+            "{ name: s, hosts: [a.example], acme: { email: nobody } }",
+            "",
+            "tls.certificates[0].acme.email",
+            "e-mail",
+        ),
+        (
+            "{ name: s, hosts: [a.example], acme: { eab: { kid: k, hmac_key: \"***\" } } }",
+            "",
+            "tls.certificates[0].acme.eab",
+            "base64url",
+        ),
+        (
+            "{ name: s, hosts: [a.example], acme: {} }",
+            "store: redis",
+            "tls.acme.store",
+            "redis:",
+        ),
+        (
+            "{ name: s, hosts: [a.example], acme: {} }",
+            "retry_min: 10m, retry_max: 1m",
+            "tls.acme.retry_max",
+            "retry_min",
+        ),
+        (
+            "{ name: s, hosts: [a.example] }",
+            "",
+            "tls.certificates[0].cert_file",
+            "acme:",
+        ),
+    ];
+    for (cert, acme, field, says) in cases {
+        let errs = load_str(Path::new("t.yaml"), &with_acme(cert, acme)).expect_err(cert);
+        assert!(
+            errs.iter()
+                .any(|e| e.field == field && e.message.contains(says) && e.line > 0),
+            "{cert} / {acme}: {errs:?}"
+        );
+    }
+}

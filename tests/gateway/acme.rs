@@ -424,6 +424,19 @@ async fn http01_placeholder_first_then_the_issued_certificate_by_sni() {
             .await,
         Some(1.0)
     );
+
+    // A reload that keeps the certificate's settings keeps its certificate (no new order).
+    let before = presented(gw.tls_port, "a.test").await.expect("cert");
+    let reload = gw.sighup_and_wait().await;
+    assert_eq!(reload["last_reload"]["ok"], true, "{reload}");
+    let after = presented(gw.tls_port, "a.test").await.expect("cert");
+    assert_eq!(serial(&after), serial(&before));
+    let s = acme_status(&gw).await.expect("status");
+    assert_eq!(s["acme"]["orders"], 1, "{s}");
+    assert!(gw
+        .metric("tollgate_tls_certificate_expiry_seconds{name=\"site\"}")
+        .await
+        .is_some_and(|v| v as i64 == not_after));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -313,7 +313,10 @@ async fn the_running_server_matches_its_openapi_document() {
     let redis = RedisServer::start().await;
     let up = MockUpstream::start("up").await;
     let tiers = "  anonymous: { limit: 1000, window: 1m }\n  pro: { limit: 100, window: 1s }\n";
-    let gw = Gateway::start(&config(&up, Some(&redis), tiers)).await;
+    // An ACME certificate (its CA unreachable: it stays pending or failed), so the
+    // certificates view shows both kinds and its renew endpoint has something to renew.
+    let acme = "tls:\n  acme: { store: disk }\n  certificates:\n    - { name: site, hosts: [site.test], acme: { directory: \"https://127.0.0.1:1/dir\" } }\n";
+    let gw = Gateway::start(&format!("{acme}{}", config(&up, Some(&redis), tiers))).await;
 
     // The document and the server list the same operations.
     let documented: BTreeSet<(String, String)> = operations(&doc)
@@ -342,7 +345,7 @@ async fn the_running_server_matches_its_openapi_document() {
     for (method, path, op) in &ops {
         let what = format!("{method} {path}");
         let concrete = match (path.contains("{id}"), &issued) {
-            (false, _) => path.clone(),
+            (false, _) => path.replace("{name}", "site"),
             (true, Some(id)) => path.replace("{id}", id),
             (true, None) => panic!("{what}: no key was issued before"),
         };
@@ -409,6 +412,28 @@ async fn the_running_server_matches_its_openapi_document() {
     .await;
     assert_matches(&doc, op(&doc, "DELETE", "/admin/keys/{id}"), &a, "revoke");
     assert_error(&doc, &a, 404, "not_found", "DELETE of an unknown key");
+    let renew = "/admin/certificates/{name}/renew";
+    let a = call(
+        &gw,
+        "POST",
+        &renew.replace("{name}", "nope"),
+        Some(ADMIN_TOKEN),
+        None,
+    )
+    .await;
+    assert_matches(
+        &doc,
+        op(&doc, "POST", renew),
+        &a,
+        "renew an unknown certificate",
+    );
+    assert_error(
+        &doc,
+        &a,
+        404,
+        "not_found",
+        "renew of an unknown certificate",
+    );
 
     // A rejected reload: 422 with every error, in the documented shape; the history keeps it.
     let good = std::fs::read_to_string(&gw.config_path).expect("config");
