@@ -169,7 +169,37 @@ pub fn stats(control: &Control) -> Value {
         "redis": snap.shared.as_ref().map(|s| json!({"up": s.store.is_up()})),
         "upstreams": upstreams,
         "reloads": reloads,
+        "certificates": certificates_json(control, &snap),
     })
+}
+
+/// Every served certificate with its state: files are `valid` (they were checked at load),
+/// ACME certificates say where their order stands.
+fn certificates_json(control: &Control, snap: &crate::snapshot::Snapshot) -> Vec<Value> {
+    let mut out: Vec<Value> = snap
+        .tls
+        .certificates
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "source": "file",
+                "state": "valid",
+                "not_after": c.not_after,
+                "error": null,
+            })
+        })
+        .collect();
+    out.extend(control.acme.statuses().into_iter().map(|a| {
+        json!({
+            "name": a.name,
+            "source": "acme",
+            "state": a.state,
+            "not_after": a.not_after,
+            "error": a.error,
+        })
+    }));
+    out
 }
 
 /// Every upstream with its backends' weight, health, breaker and in-flight attempts (shared by

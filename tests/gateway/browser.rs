@@ -360,8 +360,10 @@ async fn the_dashboard_works_in_headless_chromium() {
     let hc = format!(
         "    health_check: {{ path: /health, interval: {INTERVAL_MS}ms, timeout: {TIMEOUT_MS}ms, healthy_after: 1, unhealthy_after: {UNHEALTHY_AFTER} }}\n"
     );
+    // An ACME certificate whose CA cannot be reached: the certificates card shows it waiting.
+    let acme = "tls:\n  acme: { store: disk }\n  certificates:\n    - { name: site, hosts: [site.test], acme: { directory: \"https://127.0.0.1:1/dir\" } }\n";
     let gw = Gateway::start(&format!(
-        "admin: {{ token: \"{ADMIN_TOKEN}\" }}\nupstreams:\n{}routes:\n  - {{ name: all, upstream: u }}\n",
+        "{acme}admin: {{ token: \"{ADMIN_TOKEN}\" }}\nupstreams:\n{}routes:\n  - {{ name: all, upstream: u }}\n",
         upstream_yaml("u", &[&a, &b], &hc)
     ))
     .await;
@@ -427,6 +429,15 @@ async fn the_dashboard_works_in_headless_chromium() {
         )
         .await;
     }
+    // The ACME certificate, not issued: a row with its state and no expiry.
+    cdp.wait_for(
+        "(() => { const rows = [...document.querySelectorAll('#certificates tr')]; \
+         return rows.some(r => r.cells[0].textContent === 'site' && r.cells[1].textContent === 'ACME' \
+           && /pending|failed/.test(r.cells[2].textContent) && r.cells[3].textContent === '—'); })()",
+        Duration::from_secs(5),
+        "the ACME certificate in the certificates card",
+    )
+    .await;
     // No traffic yet: the rate (from the second poll on) is 0.
     let idle = cdp
         .wait_for(RPS, Duration::from_secs(5), "a first request rate")
