@@ -3,7 +3,7 @@
 #
 #   scripts/test.sh
 #
-# Installs what is missing (redis-server, postgresql, cmake) on Debian/Ubuntu, then runs
+# Installs what is missing (redis-server, postgresql, cmake, pebble) on Debian/Ubuntu, then runs
 # rustfmt, clippy (warnings are errors; with and without the `otlp` feature), `tollgate -t` on
 # every shipped config, every test of the workspace (unit, property, integration against the
 # real binaries with a private PostgreSQL and redis-server, benches in test mode), then the
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 ensure_packages cmake:cmake redis-server:redis-server '/usr/lib/postgresql/*/bin/initdb:postgresql' \
     gcc:build-essential pkg-config:pkg-config openssl:openssl chromium:chromium /bin/kill:procps \
-    flock:util-linux runuser:util-linux
+    flock:util-linux runuser:util-linux pebble:pebble pebble-challtestsrv:pebble redis-cli:redis-tools
 # The audit's advisory snapshot is checked now, not after half an hour of tests.
 advisories=${TOLLGATE_ADVISORY_DB:-../shared/advisory-db}
 [ -d "$advisories" ] || { echo "no advisory database at $advisories (set TOLLGATE_ADVISORY_DB; see scripts/audit.sh)" >&2; exit 1; }

@@ -335,7 +335,8 @@ async fn http01_placeholder_first_then_the_issued_certificate_by_sni() {
         acme_tls(&pebble, &["a.test", "b.test"], "http-01", ""),
         one_route(&[&up])
     );
-    let gw = Gateway::start_with(&body, TLS_LISTENER).await;
+    // Plain HTTP is redirected to HTTPS, except the CA's validation requests.
+    let gw = Gateway::start_with(&body, &format!("{TLS_LISTENER}  redirect_https: true\n")).await;
 
     // Before Pebble runs: the placeholder serves, the state says pending (or failed: the CA is
     // not there yet), and the admin view says what serves.
@@ -366,6 +367,17 @@ async fn http01_placeholder_first_then_the_issued_certificate_by_sni() {
     let j: serde_json::Value = r.json().await.expect("json");
     assert_eq!(j["error"], "unknown_acme_challenge", "{j}");
     assert_eq!(up.hits(), 0);
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("client");
+    let r = no_redirects
+        .get(gw.url("/other"))
+        .send()
+        .await
+        .expect("plain");
+    assert_eq!(r.status(), 308, "the rest of plain HTTP is redirected");
 
     pebble.start(gw.port, gw.tls_port).await;
     let s = wait_state(&gw, "valid", Duration::from_secs(60)).await;
