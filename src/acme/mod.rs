@@ -277,6 +277,20 @@ impl Acme {
         let bypass = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop, stopped) = watch::channel(false);
         task::publish_state(&spec.name, State::Pending);
+        if !spec.slot.issued() {
+            match spec.slot.placeholder {
+                Some(_) => log::info!(
+                    "acme: {}: no certificate yet for {}; a self-signed placeholder serves until one is issued",
+                    spec.name,
+                    spec.hosts.join(", ")
+                ),
+                None => log::info!(
+                    "acme: {}: no certificate yet for {}; their handshakes are refused until one is issued",
+                    spec.name,
+                    spec.hosts.join(", ")
+                ),
+            }
+        }
         match storage {
             Some(storage) => {
                 // A certificate already on disk serves from the first handshake.

@@ -111,7 +111,17 @@ pub(super) fn install(live: &Live, status: &Mutex<Status>, stored: &Stored) -> b
     true
 }
 
-enum Failure {
+/// How long to wait after the `failures`-th failure in a row, `f`: the backoff, and at least
+/// an hour (capped by `retry_max`) when the CA said "rate limited".
+pub(super) fn wait_after(f: &Failure, failures: u32, settings: &Settings) -> Duration {
+    let wait = backoff(failures, settings.retry_min, settings.retry_max);
+    match f {
+        Failure::RateLimited(_) => wait.max(RATE_LIMIT_WAIT).min(settings.retry_max),
+        _ => wait,
+    }
+}
+
+pub(super) enum Failure {
     /// The account is unknown to the CA (its data was reset): make a new one, at once.
     NoAccount(String),
     RateLimited(String),
@@ -126,7 +136,7 @@ impl Failure {
     }
 }
 
-fn acme_failure(context: &str, e: instant_acme::Error) -> Failure {
+pub(super) fn acme_failure(context: &str, e: instant_acme::Error) -> Failure {
     if let instant_acme::Error::Api(p) = &e {
         let kind = p.r#type.as_deref().unwrap_or("");
         let text = format!("{context}: {e}");
@@ -347,10 +357,8 @@ impl Task {
                 }
                 Err(f) => {
                     failures += 1;
-                    let mut wait =
-                        backoff(failures, self.settings.retry_min, self.settings.retry_max);
+                    let wait = wait_after(&f, failures, &self.settings);
                     let result = if let Failure::RateLimited(_) = f {
-                        wait = wait.max(RATE_LIMIT_WAIT).min(self.settings.retry_max);
                         "rate_limited"
                     } else {
                         "failed"

@@ -61,3 +61,48 @@ fn a_challenge_stored_for_the_fleet_reads_back() {
     let (c, k) = super::storage::split_pem(&stored).expect("split");
     assert!(super::certified_from_pem(c, k).is_some());
 }
+
+fn settings(min: u64, max: u64) -> super::Settings {
+    super::Settings {
+        store: super::StoreKind::Disk("/nonexistent".into()),
+        check_interval: Duration::from_secs(3600),
+        retry_min: Duration::from_secs(min),
+        retry_max: Duration::from_secs(max),
+        lock_lease: Duration::from_secs(120),
+        order_timeout: Duration::from_secs(300),
+        certs: Vec::new(),
+    }
+}
+
+#[test]
+fn a_rate_limited_answer_waits_at_least_an_hour_capped_by_retry_max() {
+    use super::task::{acme_failure, wait_after, Failure};
+    let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+        "type": "urn:ietf:params:acme:error:rateLimited",
+        "detail": "too many certificates already issued",
+        "status": 429,
+    }))
+    .expect("problem");
+    let f = acme_failure("new order", instant_acme::Error::Api(problem));
+    assert!(matches!(f, Failure::RateLimited(_)));
+    assert_eq!(
+        wait_after(&f, 1, &settings(60, 86_400)),
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        wait_after(&f, 1, &settings(60, 600)),
+        Duration::from_secs(600)
+    );
+    // Any other answer: the plain backoff.
+    let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+        "type": "urn:ietf:params:acme:error:unauthorized",
+        "detail": "no",
+    }))
+    .expect("problem");
+    let f = acme_failure("challenge", instant_acme::Error::Api(problem));
+    assert!(matches!(f, Failure::Other(_)));
+    assert_eq!(
+        wait_after(&f, 2, &settings(60, 86_400)),
+        Duration::from_secs(120)
+    );
+}

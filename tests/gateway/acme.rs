@@ -26,6 +26,8 @@ struct Pebble {
     dns_child: Child,
     /// The CA of Pebble's own HTTPS certificate (the gateway's `acme.ca_file`).
     api_ca: String,
+    /// External account binding required, with this key id and base64url MAC key.
+    eab: Option<(String, String)>,
 }
 
 impl Pebble {
@@ -80,6 +82,7 @@ impl Pebble {
             validity,
             child: None,
             dns_child,
+            eab: None,
         }
     }
 
@@ -115,7 +118,8 @@ impl Pebble {
                 "httpPort": http_port,
                 "tlsPort": tls_port,
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
+                "externalAccountBindingRequired": self.eab.is_some(),
+                "externalAccountMACKeys": self.eab.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<std::collections::HashMap<_, _>>(),
                 "retryAfter": { "authz": 1, "order": 1 },
                 "certificateValidityPeriod": self.validity,
             }
@@ -663,6 +667,46 @@ async fn two_nodes(challenge: &str) {
     assert!(issuer_cn(&ca).contains("Pebble"));
     // Nothing on disk: the fleet's store is Redis.
     assert!(!a.dir.path().join("acme").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_account_binding_refusing_handshakes_until_issued_and_no_auth_for_the_ca() {
+    let mut pebble = Pebble::new(3600);
+    let (kid, key) = (
+        "kid-1",
+        "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W",
+    );
+    pebble.eab = Some((kid.into(), key.into()));
+    let up = MockUpstream::start("up").await;
+    // The route requires an API key and has a tiny anonymous limit: the CA's requests pass
+    // neither, and never need to.
+    let route = format!(
+        "tiers:\n  anonymous: {{ limit: 1, window: 1h }}\nconsumers:\n  - {{ id: c, tier: pro, api_keys: [\"{}\"] }}\n{}",
+        tollgate::identity::keys::format_hash(&tollgate::identity::keys::hash("tg_acme_test_key_0123456789")),
+        one_route(&[&up]).replace("upstream: u", "upstream: u, auth: required")
+    );
+    let body = format!(
+        "{}{}",
+        acme_tls(&pebble, &["eab.test"], "http-01", ", until_issued: refuse").replace(
+            "challenge: http-01,",
+            &format!("challenge: http-01, eab: {{ kid: {kid}, hmac_key: \"{key}\" }},")
+        ),
+        route
+    );
+    assert!(body.contains("auth: required"), "{body}");
+    let gw = Gateway::start_with(&body, TLS_LISTENER).await;
+    // Nothing issued yet: the handshake is refused, and the log says why.
+    assert!(presented(gw.tls_port, "eab.test").await.is_none());
+    let s = acme_status(&gw).await.expect("status");
+    assert_eq!(s["acme"]["serving"], "none (handshakes refused)", "{s}");
+    assert!(gw
+        .log()
+        .contains("handshakes are refused until one is issued"));
+    pebble.start(gw.port, gw.tls_port).await;
+    wait_state(&gw, "valid", Duration::from_secs(60)).await;
+    let cert = presented(gw.tls_port, "eab.test").await.expect("cert");
+    assert!(issuer_cn(&cert).contains("Pebble"));
+    assert_eq!(up.hits(), 0);
 }
 
 /// A TCP forwarder to `target` the test can switch between forwarding and swallowing (accept,
