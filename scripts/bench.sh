@@ -23,6 +23,9 @@
 #   give the same figure to within a fraction of a percent, so small hot-path changes show.
 #   PROXIES (space-separated, in table order; default all): nginx haproxy reference tollgate
 #   tollgate-rl-local tollgate-rl-exact tollgate-rl-batched.
+#   COUNT=idle: memory, not CPU: for each proxy in turn, IDLE_CONNECTIONS (default 10000)
+#   keep-alive connections are opened, one request each, and held idle; the table gives the
+#   proxy's RSS (all its processes) before and with them open, and the difference per connection.
 # TRANSPORT: how clients reach the proxies (default plain):
 #   plain     HTTP/1.1 keep-alive in plain text;
 #   tls       HTTP/1.1 keep-alive over TLS (the handshakes happen in the warm-up): CPU per request;
@@ -84,6 +87,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
 COUNT=${COUNT:-cpu}
+IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
 if [[ $COUNT == instructions ]]; then CONNECTIONS=${CONNECTIONS:-4}; else CONNECTIONS=${CONNECTIONS:-64}; fi
 WRK_THREADS=${WRK_THREADS:-1}
 BUILD=${BUILD:-1}
@@ -284,7 +288,8 @@ daemon off;
 master_process on;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile 65536;
+events { worker_connections 32768; }
 EOF
 }
 nginx_http_common() {
@@ -396,7 +401,7 @@ start_haproxy() {
     cat >"$dir/haproxy.cfg" <<EOF
 global
     nbthread 1
-    maxconn 4096
+    maxconn $((IDLE_CONNECTIONS > 4096 ? IDLE_CONNECTIONS + 500 : 4096))
 
 defaults
     mode http
@@ -596,6 +601,51 @@ check_limiter() {
 # The machine's CPU ticks from /proc/stat: "total steal". Steal is time the hypervisor gave this
 # VM's CPUs to someone else: a run with much of it measured a slower machine than its neighbours.
 cpu_stat() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9; exit }' /proc/stat; }
+
+# Resident memory in KiB, summed over a process and all its descendants.
+rss_kib() {
+    local pid total=0 kib
+    for pid in $(tree_pids "$1"); do
+        kib=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
+        total=$((total + ${kib:-0}))
+    done
+    echo "$total"
+}
+
+# COUNT=idle: the proxy's RSS before and with IDLE_CONNECTIONS idle keep-alive connections.
+IDLE_RESULTS=()
+run_idle() {
+    local name=$1 port=${PROXY_PORT[$1]} pid=${PROXY_PID[$1]} before after line
+    load "$WARMUP" "$(proxy_url "$name" "$port")" >/dev/null
+    before=$(rss_kib "$pid")
+    coproc IDLE { "$BENCH_REPORT" idle-connections "127.0.0.1:$port" "$IDLE_CONNECTIONS" "X-API-Key: $BENCH_KEY"; }
+    read -r line <&"${IDLE[0]}" || die "$name: the idle connections could not be opened"
+    [[ $line == "ready $IDLE_CONNECTIONS" ]] || die "$name: idle-connections said: $line"
+    # Let the proxy settle (connections it is still finishing, allocator caches).
+    sleep 2
+    after=$(rss_kib "$pid")
+    exec {IDLE[1]}>&-
+    wait "$IDLE_PID" 2>/dev/null || true
+    IDLE_RESULTS+=("$name $before $after")
+    log "$(printf '%-19s RSS %8s KiB idle, %8s KiB with %s idle connections: %s bytes each' "$name" "$before" "$after" \
+        "$IDLE_CONNECTIONS" $(((after - before) * 1024 / IDLE_CONNECTIONS)))"
+    # The connections close; give the proxy a moment before the next one is measured.
+    sleep 1
+}
+
+report_idle() {
+    local name before after
+    printf '# Memory per idle keep-alive connection\n\n'
+    printf -- '- %s UTC, tollgate %s\n' "$(date -u '+%Y-%m-%d %H:%M')" "$(commit_measured)"
+    printf -- '- %s connections opened one after another, one `GET /` each (HTTP/1.1 keep-alive, %s), then held idle; RSS summed over the proxy'"'"'s processes (VmRSS), 2 s after the last one\n\n' \
+        "$IDLE_CONNECTIONS" "$TRANSPORT"
+    printf '| proxy | RSS idle (MiB) | RSS with the connections (MiB) | bytes per connection |\n|---|---:|---:|---:|\n'
+    for line in "${IDLE_RESULTS[@]}"; do
+        read -r name before after <<<"$line"
+        awk -v n="$name" -v b="$before" -v a="$after" -v c="$IDLE_CONNECTIONS" \
+            'BEGIN { printf "| %s | %.1f | %.1f | %d |\n", n, b / 1024, a / 1024, (a - b) * 1024 / c }'
+    done
+}
 
 # utime+stime in clock ticks, summed over a process and all its descendants.
 cpu_ticks() {
@@ -824,7 +874,17 @@ main() {
         [[ -z ${seen[$name]:-} ]] || die "proxy listed twice in PROXIES: $name"
         seen[$name]=1
     done
-    [[ $COUNT == cpu || $COUNT == instructions ]] || die "COUNT is cpu or instructions, not $COUNT"
+    [[ $COUNT == cpu || $COUNT == instructions || $COUNT == idle ]] || die "COUNT is cpu, instructions or idle, not $COUNT"
+    if [[ $COUNT == idle ]]; then
+        # Every connection is a descriptor in the proxy and in the client.
+        ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+        # HAProxy reserves two descriptors per connection (client and server side) up front.
+        local most=$((($(ulimit -n) - 200) / 2 - 500))
+        if ((IDLE_CONNECTIONS > most)); then
+            log "ulimit -n is $(ulimit -n) here (a container's hard limit): $most idle connections instead of $IDLE_CONNECTIONS"
+            IDLE_CONNECTIONS=$most
+        fi
+    fi
     [[ " plain tls tls-new h2tls " == *" $TRANSPORT "* ]] || die "TRANSPORT is plain, tls, tls-new or h2tls, not $TRANSPORT"
     [[ $COUNT != instructions || $TRANSPORT != h2tls ]] || die "COUNT=instructions runs wrk: not with TRANSPORT=h2tls"
     ensure_tools
@@ -859,6 +919,15 @@ main() {
         log "$name on 127.0.0.1:${PROXY_PORT[$name]} (pid $LAST_PID, CPU $PROXY_CPU)"
     done
 
+    if [[ $COUNT == idle ]]; then
+        for name in "${PROXIES[@]}"; do run_idle "$name"; done
+        mkdir -p "$(dirname "$BENCH_OUT")"
+        report_idle >"$BENCH_OUT"
+        echo
+        cat "$BENCH_OUT"
+        log "written to $BENCH_OUT"
+        return 0
+    fi
     : >"$RESULTS"
     for round in $(seq "$ROUNDS"); do
         # Rotate the order each round so no proxy always runs first (or right after another).

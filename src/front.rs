@@ -125,6 +125,10 @@ pub async fn read_head<S: AsyncRead + Unpin + ?Sized>(
     }
 }
 
+/// The first read of a kept-alive connection's next request (see [`first_bytes`]): most request
+/// heads fit; a longer one takes a second read.
+const FIRST_READ: usize = 1024;
+
 /// How long one wait for a request's first bytes lasts at most: between two, the wait checks
 /// whether the gateway is shutting down. So an idle kept-alive connection is closed within this
 /// long of a shutdown or upgrade, and no wait registers for a shutdown notification (which
@@ -143,11 +147,23 @@ async fn first_bytes<S: AsyncRead + Unpin + ?Sized>(
         Wait::Until(d) => Some(d.saturating_duration_since(Instant::now())),
         Wait::Idle(limit) => limit,
     };
+    // An idle kept-alive connection holds no head buffer while it waits: the first bytes land
+    // in this small one (part of the connection's task), and the buffer is allocated when they
+    // come (memory per idle connection: docs/benchmarks.md).
+    let mut first = [0u8; FIRST_READ];
     loop {
         let slice = left.map_or(WAIT_SLICE, |l| l.min(WAIT_SLICE));
         // pingora's coarse timer, registered only if the read is pending (as pingora's own
         // keep-alive wait does).
-        if let Ok(r) = pingora_timeout::timeout(slice, s.read_buf(buf)).await {
+        if buf.capacity() == 0 {
+            if let Ok(r) = pingora_timeout::timeout(slice, s.read(&mut first)).await {
+                if let Ok(n) = r {
+                    buf.reserve(HEAD_BUF.max(n));
+                    buf.extend_from_slice(&first[..n]);
+                }
+                return Some(r);
+            }
+        } else if let Ok(r) = pingora_timeout::timeout(slice, s.read_buf(buf)).await {
             return Some(r);
         }
         if stopping.load(Ordering::Acquire) {
@@ -409,7 +425,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                     session.set_keepalive_reuses_remaining(keepalive_requests);
                 }
             }
-            let reused = self.app.process_new_http(session, shutdown).await?;
+            // Boxed: the request's state is allocated while it is served and freed after, so a
+            // connection waiting for its next request holds only this loop's small state.
+            let reused = Box::pin(self.app.process_new_http(session, shutdown)).await?;
             let (next, next_settings) = reused.consume();
             if malformed || next.as_any().is::<Flagged>() {
                 return None;
@@ -418,7 +436,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
             settings = next_settings;
             let keepalive = self.settings.keepalive_secs.load(Ordering::Relaxed);
             wait = Wait::Idle((keepalive > 0).then(|| Duration::from_secs(keepalive)));
-            buf = BytesMut::with_capacity(HEAD_BUF);
+            // Allocated when the next request's first bytes come (see `first_bytes`).
+            buf = BytesMut::new();
         }
     }
 
@@ -613,6 +632,19 @@ mod tests {
         let (head, buf) = head_after(b"GET / HTTP/1.1\r\nHo", b"st: x\r\n\r\n", false).await;
         assert_eq!(head, Head::Ready { malformed: false });
         assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_head_longer_than_the_first_read_is_read_whole_and_stays_in_order() {
+        // Waiting with no buffer (as a kept-alive connection does): the first read is small.
+        let long = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\nnext",
+            "c".repeat(3 * FIRST_READ)
+        );
+        let idle = Wait::Idle(Some(Duration::from_secs(2)));
+        let (head, bytes) = head_of(&[long.as_bytes()], Duration::ZERO, idle, 1 << 16).await;
+        assert_eq!(head, Head::Ready { malformed: false });
+        assert_eq!(bytes, long.as_bytes());
     }
 
     #[tokio::test]

@@ -138,6 +138,15 @@ fn main() -> ExitCode {
     run(cli, config, early_hup)
 }
 
+/// A public listener. No L4 read buffer: pingora's default keeps 64 KiB per connection for
+/// its whole life, idle or not, while the front end reads request heads into a buffer of its
+/// own (allocated only while a request arrives) and pingora reads bodies into its own buffers.
+/// The write buffer (one segment) stays: it joins a response's head and body into one write.
+fn listener(addr: &std::net::SocketAddr) -> pingora_core::listeners::ListenerConfig {
+    pingora_core::listeners::ListenerConfig::tcp(addr.to_string())
+        .l4_buffer(pingora_core::listeners::L4BufferSettings::default().read(0))
+}
+
 fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode {
     let s = &config.server;
     let conf = ServerConf {
@@ -215,7 +224,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
         ),
     );
     for addr in &config.server.listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(listener(addr));
     }
     // Listeners open only after the first snapshot (and its health pass) is published.
     let proxy_handle = server.add_service(proxy);
@@ -234,7 +243,7 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
             )
             .with_tls(slot),
         );
-        tls.add_tcp(&addr.to_string());
+        tls.add_listener(listener(addr));
         let tls_handle = server.add_service(tls);
         tls_handle.add_dependency(&control_handle);
     }

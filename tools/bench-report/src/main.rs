@@ -5,6 +5,7 @@
 //! [`results::Run`] for the columns); this program turns counters into per-request figures while
 //! it runs, and the results file into the report at the end. Plain std, no dependencies.
 
+mod idle;
 mod report;
 mod results;
 
@@ -30,6 +31,9 @@ usage:
       instructions per request net of the idle count over as long (whole number)
   bench-report free-ports N     N distinct free TCP ports on 127.0.0.1, chosen by the kernel
   bench-report target-dir       the cargo target directory this program was built into
+  bench-report idle-connections ADDR N [HEADER...]
+      open N keep-alive connections to ADDR, one GET / each (with the given header lines), print
+      `ready N`, hold them until standard input ends
 ";
 
 fn main() -> ExitCode {
@@ -95,6 +99,15 @@ fn run(args: &[String]) -> Result<String, String> {
             let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
             Ok(format!("{}\n", ports.join(" ")))
         }
+        "idle-connections" => match rest {
+            [addr, n, headers @ ..] => {
+                let n = n
+                    .parse()
+                    .map_err(|_| format!("idle-connections: not a count: {n:?}"))?;
+                idle::run(addr, n, headers)
+            }
+            _ => Err("idle-connections: ADDR N [HEADER...]".into()),
+        },
         "target-dir" => {
             // This program is TARGET/PROFILE/bench-report: cargo put it where it puts every
             // binary of the workspace (CARGO_TARGET_DIR, a config's build.target-dir, ./target).
