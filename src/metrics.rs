@@ -118,7 +118,7 @@ pub static CACHE_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static REDIS_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tollgate_redis_errors_total",
-        "Redis calls that failed, by operation and kind (timeout | error | busy)",
+        "Redis calls that failed, by operation and kind (timeout | error | busy | down: not tried, Redis known down)",
         &["op", "kind"]
     )
     .expect("static metric definition")

@@ -25,6 +25,9 @@ pub enum StoreError {
     Busy,
     /// Connection refused, reset, or Redis answered with an error.
     Failed,
+    /// Redis is known to be down (an earlier call failed and no background call has reached it
+    /// since): a request's call fails at once instead of waiting out the timeout.
+    Down,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,12 +88,19 @@ impl Store {
         self.call_on(&self.conn, op, f).await
     }
 
-    /// The same, for a call a request is waiting for: over the request-path connection.
+    /// The same, for a call a request is waiting for: over the request-path connection. While
+    /// Redis is known down it fails at once (`StoreError::Down`): an outage costs a node one
+    /// timeout, not one per request. The background calls (the one-second heartbeat) keep
+    /// trying and clear the state when Redis answers again.
     pub async fn call_for_request<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        if !self.is_up() {
+            metrics::REDIS_ERRORS.with_label_values(&[op, "down"]).inc();
+            return Err(StoreError::Down);
+        }
         self.call_on(&self.request_conn, op, f).await
     }
 

@@ -405,6 +405,57 @@ async fn redis_killed_or_paused_under_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_redis_is_known_down_requests_stop_waiting_for_it() {
+    let redis = RedisServer::start().await;
+    let up = MockUpstream::start("up").await;
+    // A 2 s Redis timeout: a request that waits for Redis takes at least that long.
+    let text = config(
+        &up,
+        Some(&redis),
+        "mode: exact, on_failure: local",
+        "  anonymous: { limit: 100000, window: 1m }\n",
+    )
+    .replace("timeout: 300ms", "timeout: 2s");
+    let gw = Gateway::start(&text).await;
+    let client = http();
+    assert_eq!(hit(&client, &gw.url("/x")).await.status, 200);
+    // Paused: Redis accepts nothing and answers nothing, so a call can only time out.
+    redis.pause();
+    let first = Instant::now();
+    assert_eq!(hit(&client, &gw.url("/x")).await.status, 200);
+    assert!(
+        first.elapsed() >= Duration::from_secs(2),
+        "the first request after the outage waits out the timeout"
+    );
+    // From then on the store is known down: every decision is local at once, none waits.
+    for i in 0..10 {
+        let started = Instant::now();
+        assert_eq!(hit(&client, &gw.url("/x")).await.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "request {i} waited {:?} for a Redis known to be down",
+            started.elapsed()
+        );
+    }
+    assert!(gw
+        .metric("tollgate_redis_errors_total{kind=\"down\",op=\"ratelimit\"}")
+        .await
+        .is_some_and(|v| v >= 10.0));
+    assert_eq!(gw.metric("tollgate_redis_up").await, Some(0.0));
+    // Back: the heartbeat finds it, and decisions go to Redis again.
+    redis.resume();
+    eventually(Duration::from_secs(10), "redis known up again", || async {
+        (gw.metric("tollgate_redis_up").await == Some(1.0)).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "shared counting again", || async {
+        assert_eq!(hit(&client, &gw.url("/x")).await.status, 200);
+        (gw.metric("tollgate_ratelimit_fallback").await == Some(0.0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_deny_answers_503_never_401_or_429() {
     let mut redis = RedisServer::start().await;
     let up = MockUpstream::start("up").await;
