@@ -425,9 +425,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                     session.set_keepalive_reuses_remaining(keepalive_requests);
                 }
             }
-            // Boxed: the request's state is allocated while it is served and freed after, so a
-            // connection waiting for its next request holds only this loop's small state.
-            let reused = Box::pin(self.app.process_new_http(session, shutdown)).await?;
+            // (pingora's `async_trait` boxes the request's state: it lives while the request is
+            // served and is freed after, not while the connection waits for the next one.)
+            let reused = self.app.process_new_http(session, shutdown).await?;
             let (next, next_settings) = reused.consume();
             if malformed || next.as_any().is::<Flagged>() {
                 return None;
