@@ -876,6 +876,7 @@ main() {
     done
     [[ $COUNT == cpu || $COUNT == instructions || $COUNT == idle ]] || die "COUNT is cpu, instructions or idle, not $COUNT"
     if [[ $COUNT == idle ]]; then
+        [[ $TRANSPORT == plain ]] || die "COUNT=idle opens plain HTTP/1.1 connections: TRANSPORT=plain only"
         # Every connection is a descriptor in the proxy and in the client.
         ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
         # HAProxy reserves two descriptors per connection (client and server side) up front.
