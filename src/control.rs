@@ -45,6 +45,8 @@ pub struct Control {
     pub pid_file: Option<String>,
     /// Set by a SIGHUP that arrived before the control loop was listening.
     pub early_hup: Arc<AtomicBool>,
+    /// `--watch`: reload when the config file changes (also `server.watch_config`).
+    pub watch_flag: AtomicBool,
     /// Set once the process starts handing over to a new binary or shutting down: responses
     /// then carry `Connection: close`, so clients leave this process's keep-alive connections
     /// after their current request instead of racing its exit on an idle one.
@@ -88,6 +90,7 @@ impl Control {
             registry: Registry::default(),
             started_at: SystemTime::now(),
             early_hup,
+            watch_flag: AtomicBool::new(false),
             draining: Arc::new(AtomicBool::new(false)),
             limiter: Arc::new(Limiter::default()),
             cache: Arc::new(crate::cache::ResponseCache::new(config.cache.max_bytes)),
@@ -438,6 +441,72 @@ fn needs_upgrade(old: &config::ServerSettings, new: &config::ServerSettings) -> 
     w
 }
 
+/// How often a watched config file is looked at.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What identifies one version of the config file: the file the path leads to (through any
+/// symlinks, so a ConfigMap's swap of its `..data` link is a change) and its size and mtime
+/// (an edit in place).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileVersion {
+    fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// `--watch` / `server.watch_config`: a reload when the file changes, once the change has held
+/// for two looks in a row (an editor's or a deployment's write in several steps is one reload).
+/// Polled (a `stat` four times a second) rather than through inotify: a symlink swapped above
+/// the file, as Kubernetes does, is seen the same way, and nothing is registered per watch.
+/// A version that failed to load is not retried until the file changes again.
+struct FileWatch {
+    loaded: Option<FileVersion>,
+    pending: Option<FileVersion>,
+}
+
+impl FileWatch {
+    fn new(path: &std::path::Path) -> Self {
+        Self {
+            loaded: FileVersion::of(path),
+            pending: None,
+        }
+    }
+
+    /// True when the file has changed and the change has held since the last look.
+    fn changed(&mut self, path: &std::path::Path) -> bool {
+        let Some(now) = FileVersion::of(path) else {
+            // Gone for a moment (mid-swap): look again next time.
+            self.pending = None;
+            return false;
+        };
+        if self.loaded.as_ref() == Some(&now) {
+            self.pending = None;
+            return false;
+        }
+        if self.pending.as_ref() == Some(&now) {
+            self.loaded = Some(now);
+            self.pending = None;
+            return true;
+        }
+        self.pending = Some(now);
+        false
+    }
+}
+
 /// The background service wrapper (pingora owns it; `Control` is shared with the proxy/admin).
 pub struct ControlService(pub Arc<Control>);
 
@@ -503,6 +572,9 @@ impl BackgroundService for ControlService {
         // Certificates close to their end are logged at each load and twice a day.
         let mut expiry_check = tokio::time::interval(Duration::from_secs(12 * 3600));
         expiry_check.tick().await;
+        let mut watch = FileWatch::new(&control.path);
+        let mut watch_tick = tokio::time::interval(WATCH_INTERVAL);
+        watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let hup_recv = async {
                 match hup.as_mut() {
@@ -515,12 +587,22 @@ impl BackgroundService for ControlService {
                     log::info!("SIGHUP: reloading {}", control.path.display());
                     control.early_hup.store(false, Ordering::SeqCst);
                     control.reload().await;
+                    watch = FileWatch::new(&control.path);
                 }
                 Some(reply) = inbox.recv() => {
                     let outcome = control.reload().await;
+                    watch = FileWatch::new(&control.path);
                     let _ = reply.send(outcome);
                 }
                 _ = expiry_check.tick() => warn_expiring(&control.current.load()),
+                _ = watch_tick.tick() => {
+                    let watching = control.watch_flag.load(Ordering::Relaxed)
+                        || control.current.load().server.watch_config;
+                    if watching && watch.changed(&control.path) {
+                        log::info!("config file changed: reloading {}", control.path.display());
+                        control.reload().await;
+                    }
+                }
                 _ = shutdown.changed() => {
                     // What the access log holds is written before the process ends.
                     let _ = tokio::task::spawn_blocking(|| {
@@ -531,5 +613,41 @@ impl BackgroundService for ControlService {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileWatch;
+
+    #[test]
+    fn a_change_reloads_once_it_has_held_and_a_symlink_swap_is_a_change() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (v1, v2) = (dir.path().join("v1"), dir.path().join("v2"));
+        std::fs::create_dir(&v1).expect("v1");
+        std::fs::create_dir(&v2).expect("v2");
+        std::fs::write(v1.join("t.yaml"), "one").expect("write");
+        std::fs::write(v2.join("t.yaml"), "two!").expect("write");
+        let link = dir.path().join("t.yaml");
+        std::os::unix::fs::symlink(v1.join("t.yaml"), &link).expect("link");
+        let mut w = FileWatch::new(&link);
+        assert!(!w.changed(&link), "nothing changed");
+        // Swap the link atomically (a new link renamed over the old one).
+        let tmp = dir.path().join("t.yaml.new");
+        std::os::unix::fs::symlink(v2.join("t.yaml"), &tmp).expect("link");
+        std::fs::rename(&tmp, &link).expect("swap");
+        assert!(!w.changed(&link), "first look: pending");
+        assert!(w.changed(&link), "second look: reload");
+        assert!(!w.changed(&link), "once");
+        // An edit in place (another size).
+        std::fs::write(v2.join("t.yaml"), "three").expect("write");
+        assert!(!w.changed(&link));
+        assert!(w.changed(&link));
+        // Gone for a moment: nothing, then back as it was: nothing.
+        std::fs::remove_file(&link).expect("rm");
+        assert!(!w.changed(&link));
+        std::os::unix::fs::symlink(v2.join("t.yaml"), &link).expect("link");
+        assert!(!w.changed(&link));
+        assert!(!w.changed(&link));
     }
 }

@@ -45,6 +45,10 @@ struct Cli {
     /// Run in the background.
     #[arg(short = 'd', long = "daemon")]
     daemon: bool,
+    /// Reload when the configuration file (or the symlink it is reached through, as a
+    /// Kubernetes ConfigMap swaps it) changes; the same as `server.watch_config: true`.
+    #[arg(long = "watch")]
+    watch: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -184,10 +188,15 @@ fn run(cli: Cli, config: GatewayConfig, early_hup: Arc<AtomicBool>) -> ExitCode 
     server.bootstrap();
 
     let control = Control::new(
-        std::fs::canonicalize(&cli.conf).unwrap_or(cli.conf.clone()),
+        // Absolute, symlinks kept: a reload re-reads the path as given (a ConfigMap's symlink
+        // swap points it at the new file), and relative paths in it are from its directory.
+        std::path::absolute(&cli.conf).unwrap_or(cli.conf.clone()),
         config.clone(),
         early_hup,
     );
+    control
+        .watch_flag
+        .store(cli.watch, std::sync::atomic::Ordering::Relaxed);
 
     control.watch_phases(server.watch_execution_phase());
     let control_handle = server.add_service(background_service(

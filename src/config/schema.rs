@@ -237,6 +237,9 @@ pub struct ServerSection {
     /// How long SIGTERM lets in-flight requests finish.
     #[serde(default = "default_grace", deserialize_with = "duration")]
     pub grace_period: Duration,
+    /// Reload when the config file (or the symlink behind it) changes, as SIGHUP does.
+    #[serde(default)]
+    pub watch_config: bool,
     /// Absolute paths (daemon mode changes directory to `/`).
     #[serde(default)]
     pub pid_file: Option<String>,

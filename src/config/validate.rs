@@ -76,6 +76,8 @@ pub struct ServerSettings {
     pub access_log: crate::observe::LogTarget,
     /// The access log writer collects every buffer this often.
     pub access_log_flush: Duration,
+    /// Reload when the config file changes (`server.watch_config`).
+    pub watch_config: bool,
     pub forwarded_headers: bool,
     pub request_id_header: bool,
     pub hide_backend_server: bool,
@@ -300,6 +302,7 @@ fn compile_server(c: &mut Check, s: &schema::ServerSection) -> ServerSettings {
             crate::http::fields::Case::Canonical
         },
         trace_context: s.trace_context,
+        watch_config: s.watch_config,
         access_log_flush: {
             if s.access_log_flush < Duration::from_millis(1)
                 || s.access_log_flush > Duration::from_secs(1)

@@ -234,3 +234,73 @@ async fn two_hundred_reloads_leave_memory_and_tasks_flat() {
     );
     assert_eq!(get(&client, &gw.url("/x")).await.map(|r| r.0), Some(200));
 }
+
+/// `server.watch_config`: the config path is a symlink (as a Kubernetes ConfigMap mounts it);
+/// swapping it reloads, a broken version is refused with the old config serving, an edit in
+/// place reloads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_config_follows_its_symlink_and_refuses_a_broken_version() {
+    let (a, b) = (
+        MockUpstream::start("a").await,
+        MockUpstream::start("b").await,
+    );
+    let body = |up: &MockUpstream| {
+        format!(
+            "upstreams:\n{}{}",
+            upstream_yaml("u", &[up], ""),
+            routes("u", "/")
+        )
+    };
+    let gw = Gateway::start_with(&body(&a), "  watch_config: true\n").await;
+    let client = http();
+    assert_eq!(get(&client, &gw.url("/x")).await, Some((200, "a".into())));
+    // The harness wrote a plain file; make the path a symlink into a versioned directory.
+    let text = std::fs::read_to_string(&gw.config_path).expect("config");
+    let version = |n: u32, text: &str| {
+        let d = gw.dir.path().join(format!("..v{n}"));
+        std::fs::create_dir_all(&d).expect("dir");
+        std::fs::write(d.join("tollgate.yaml"), text).expect("write");
+        let tmp = gw.dir.path().join("tollgate.yaml.swap");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(d.join("tollgate.yaml"), &tmp).expect("link");
+        std::fs::rename(&tmp, &gw.config_path).expect("swap");
+    };
+    let generation = |want: u64| {
+        let gw = &gw;
+        async move {
+            eventually(
+                Duration::from_secs(10),
+                &format!("generation {want}"),
+                || async { (gw.generation().await == want).then_some(()) },
+            )
+            .await
+        }
+    };
+    // Version 1: the same text through a symlink (a new file: one reload, nothing changes).
+    version(1, &text);
+    generation(2).await;
+    // Version 2: upstream b.
+    version(2, &text.replace(&body(&a), &body(&b)));
+    generation(3).await;
+    assert_eq!(get(&client, &gw.url("/x")).await, Some((200, "b".into())));
+    // Version 3: broken. Refused, reported, b keeps serving; not retried while unchanged.
+    version(3, &text.replace("routes:", "routes: 7\nroutes:"));
+    let s = eventually(Duration::from_secs(10), "the refused reload", || async {
+        let s = gw.status().await?;
+        (s["last_reload"]["ok"] == false).then_some(s)
+    })
+    .await;
+    assert_eq!(s["config_generation"], 3, "{s}");
+    assert!(
+        s["last_reload"]["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.contains("tollgate.yaml:")),
+        "{s}"
+    );
+    assert_eq!(get(&client, &gw.url("/x")).await, Some((200, "b".into())));
+    // An edit in place of the file the link points at: reloads.
+    std::fs::write(gw.dir.path().join("..v3").join("tollgate.yaml"), &text).expect("write");
+    generation(4).await;
+    assert_eq!(get(&client, &gw.url("/x")).await, Some((200, "a".into())));
+    assert!(gw.log().contains("config file changed: reloading"));
+}
