@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 
+use crate::http::text::ip_text;
 use crate::metrics;
 
 /// A thread's buffer is handed to the writer when it holds this much.
@@ -169,23 +170,6 @@ static HEX: LazyLock<[[u8; 2]; 256]> = LazyLock::new(|| {
     }
     t
 });
-
-/// An IPv4 address by hand (the common case; `Display` goes through the formatting machinery).
-fn ip_text(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                int(out, u64::from(*octet));
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(Fmt(out), "{v6}");
-        }
-    }
-}
 
 fn int(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());

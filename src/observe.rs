@@ -17,7 +17,14 @@ pub fn valid_request_id(v: &[u8]) -> bool {
 pub fn request_id(incoming: Option<&[u8]>) -> String {
     match incoming {
         Some(v) if valid_request_id(v) => String::from_utf8_lossy(v).into_owned(),
-        _ => uuid::Uuid::now_v7().to_string(),
+        _ => {
+            // Encoded directly (`to_string` goes through the formatting machinery).
+            let mut text = uuid::Uuid::encode_buffer();
+            uuid::Uuid::now_v7()
+                .hyphenated()
+                .encode_lower(&mut text)
+                .to_owned()
+        }
     }
 }
 

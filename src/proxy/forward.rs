@@ -132,20 +132,21 @@ pub fn prepare(
         return Ok(());
     }
     if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-        use std::fmt::Write;
         let prev = upstream_request
             .headers
             .get(H_XFF)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|p| !p.is_empty());
-        let mut xff = String::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
+        let mut xff = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
         if let Some(p) = prev {
-            xff.push_str(p);
-            xff.push_str(", ");
+            xff.extend_from_slice(p.as_bytes());
+            xff.extend_from_slice(b", ");
         }
-        let _ = write!(xff, "{}", addr.ip());
-        upstream_request.insert_header(H_XFF, xff)?;
+        crate::http::text::ip_text(&mut xff, addr.ip());
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+            upstream_request.insert_header(H_XFF, v)?;
+        }
     }
     // Set, never trusted from the client.
     let proto = if ctx.tls { "https" } else { "http" };
