@@ -104,6 +104,16 @@ fn redis_err(op: &str) -> impl Fn(crate::store::StoreError) -> String + '_ {
     move |e| format!("Redis {op}: {e:?}")
 }
 
+/// `GET key` as a background call (`op` names it in the metrics).
+async fn get(store: &Store, op: &'static str, key: String) -> Result<Option<String>, String> {
+    store
+        .call(op, |mut c| async move {
+            redis::cmd("GET").arg(&key).query_async(&mut c).await
+        })
+        .await
+        .map_err(redis_err("GET"))
+}
+
 impl Storage {
     pub async fn load_cert(&self, name: &str) -> Result<Option<Stored>, String> {
         match self {
@@ -115,12 +125,7 @@ impl Storage {
             }
             Self::Redis(store) => {
                 let key = format!("{PREFIX}:{{{name}}}:cert");
-                let text: Option<String> = store
-                    .call("acme_load", |mut c| async move {
-                        redis::cmd("GET").arg(&key).query_async(&mut c).await
-                    })
-                    .await
-                    .map_err(redis_err("GET"))?;
+                let text = get(store, "acme_load", key).await?;
                 text.map(|t| {
                     serde_json::from_str(&t).map_err(|e| format!("stored certificate: {e}"))
                 })
@@ -171,12 +176,7 @@ impl Storage {
             }
             Self::Redis(store) => {
                 let key = format!("{PREFIX}:account:{{{id}}}");
-                store
-                    .call("acme_account", |mut c| async move {
-                        redis::cmd("GET").arg(&key).query_async(&mut c).await
-                    })
-                    .await
-                    .map_err(redis_err("GET"))
+                get(store, "acme_account", key).await
             }
         }
     }
@@ -412,13 +412,7 @@ pub async fn follow_events(acme: Weak<Acme>, store: Arc<Store>, mut stop: watch:
                             continue;
                         };
                         let key = format!("{PREFIX}:alpn:{{{host}}}");
-                        let text: Option<String> = store
-                            .call("acme_challenge", |mut c| async move {
-                                redis::cmd("GET").arg(&key).query_async(&mut c).await
-                            })
-                            .await
-                            .ok()
-                            .flatten();
+                        let text = get(&store, "acme_challenge", key).await.ok().flatten();
                         let challenge = text
                             .as_deref()
                             .and_then(split_pem)

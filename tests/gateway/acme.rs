@@ -275,10 +275,15 @@ async fn presented(tls_port: u16, host: &str) -> Option<Vec<u8>> {
         .map(|c| c.to_vec())
 }
 
-fn common_name(der: &[u8]) -> String {
+/// The common name of a certificate's subject (`issuer: false`) or issuer.
+fn cn_of(der: &[u8], issuer: bool) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(der).expect("x509");
-    let name = cert
-        .subject()
+    let dn = if issuer {
+        cert.issuer()
+    } else {
+        cert.subject()
+    };
+    let name = dn
         .iter_common_name()
         .next()
         .and_then(|c| c.as_str().ok())
@@ -287,16 +292,12 @@ fn common_name(der: &[u8]) -> String {
     name
 }
 
+fn common_name(der: &[u8]) -> String {
+    cn_of(der, false)
+}
+
 fn issuer_cn(der: &[u8]) -> String {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("x509");
-    let name = cert
-        .issuer()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    name
+    cn_of(der, true)
 }
 
 fn serial(der: &[u8]) -> String {
